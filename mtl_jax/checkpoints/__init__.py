@@ -1,0 +1,1 @@
+"""Weights in and out: Hugging Face conversion and orbax training checkpoints."""

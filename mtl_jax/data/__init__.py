@@ -1,0 +1,1 @@
+"""Reading, tokenizing, bucketing and mixing task data."""

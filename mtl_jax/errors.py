@@ -1,0 +1,27 @@
+"""User-facing errors: one clear line on stderr and a non-zero exit, traceback only with --verbose."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import traceback
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, unknown name).
+
+    The message must be one line that says what is wrong and names the fix.
+    """
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def user_errors(verbose: bool = False):
+    """Turns UserError (and missing files) into one line on stderr and ``SystemExit(2)``."""
+    try:
+        yield
+    except UserError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None

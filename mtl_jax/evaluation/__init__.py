@@ -1,0 +1,1 @@
+"""Metrics (a registry), QA post-processing and evaluation reports."""

@@ -1,0 +1,1 @@
+"""Task definitions: task types (a registry), presets for common datasets, TaskSpec."""

@@ -1,0 +1,1 @@
+"""Optimizer, task weighting, the jitted train/eval steps, sharding, and the training loop."""
