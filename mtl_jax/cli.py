@@ -6,6 +6,7 @@ unknown override key is rejected. Every parsing failure becomes one line on stde
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from typing import Callable, Iterable
@@ -16,6 +17,7 @@ import ml_collections
 from mtl_jax.errors import UserError
 
 _OVERRIDE = re.compile(r"^--config\.([\w.]+)")
+_BAD_VALUE = re.compile(r"^flag --config\.([\w.]+)=(.*?): ")
 
 
 def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -38,7 +40,9 @@ def closest_keys(key: str, valid: Iterable[str], n: int = 3) -> list[str]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().replace("\\n", "\n").strip("'\"")
+    text = str(e).strip().replace("\\n", "\n").strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # KeyError-style quoting
+        text = text[1:-1]
     return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -46,6 +50,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl ``flags_parser``: parses argv; a bad flag or override is one line and exit code 2."""
     verbose = any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv)
     try:
+        _check_config_file(argv)
         return flags.FLAGS(argv)
     except Exception as e:  # absl wraps override errors in several exception types
         if verbose:
@@ -56,6 +61,8 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 
 
 def _describe_flag_error(argv: list[str], e: Exception) -> str:
+    if isinstance(e, UserError):
+        return str(e)
     for arg in argv:
         m = _OVERRIDE.match(arg)
         if not m:
@@ -70,21 +77,58 @@ def _describe_flag_error(argv: list[str], e: Exception) -> str:
             near = closest_keys(key, valid)
             hint = f"; did you mean {', '.join('--config.' + k for k in near)}?" if near else ""
             return f"unknown config key --config.{key}{hint}"
-    if isinstance(e, UserError):
-        return str(e)
+        bad = _BAD_VALUE.match(str(e))
+        if bad and bad.group(1) == key:
+            default = _lookup(config, key)
+            return (f"bad value {bad.group(2)!r} for --config.{key}: expected "
+                    f"{type(default).__name__} (default {default!r})")
+    if isinstance(e, flags.UnrecognizedFlagError):
+        name = getattr(e, "flagname", None) or _first_line(e).rsplit(" ", 1)[-1].strip("'")
+        near = difflib.get_close_matches(name, list(flags.FLAGS), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join('--' + n for n in near)}?" if near else "see --help"
+        return f"unknown flag --{name}; {hint}"
     return _first_line(e)
 
 
-def _load_config_for(argv: list[str]) -> ml_collections.ConfigDict:
-    """Loads the --config file named in argv (without overrides) to list its valid keys."""
-    from ml_collections.config_flags import config_flags as cf  # local: private helper
+def _lookup(config: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
 
+
+def _config_spec(argv: list[str]) -> str | None:
     spec = None
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             spec = arg.split("=", 1)[1]
         elif arg == "--config" and i + 1 < len(argv):
             spec = argv[i + 1]
+    return spec
+
+
+def _check_config_file(argv: list[str]) -> None:
+    """A missing or broken --config file is one clear line (absl would defer it or hide it)."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return  # absl reports the missing required flag
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found; pass --config=PATH of an existing "
+                        "config .py file (e.g. --config=configs/base.py)")
+    try:
+        _load_config_for(argv)
+    except UserError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # anything the config file raises
+        raise UserError(f"config file {path} failed to load ({type(e).__name__}: "
+                        f"{_first_line(e)}); fix it or run with --verbose for the traceback") from e
+
+
+def _load_config_for(argv: list[str]) -> ml_collections.ConfigDict:
+    """Loads the --config file named in argv (without overrides) to list its valid keys."""
+    from ml_collections.config_flags import config_flags as cf  # local: private helper
+
+    spec = _config_spec(argv)
     if spec is None:
         raise UserError("no --config given")
     path, _, cfg_arg = spec.partition(":")

@@ -1,0 +1,117 @@
+"""The deterministic, resumable multi-task train iterator.
+
+Everything random is a pure function of (seed, task, epoch) or (seed, step), so the state is a few
+integers: ``{"step", "seed", "tasks": {name: {"epoch", "position"}}}``; restoring it continues with
+exactly the batches the uninterrupted run would have produced. Each host reads the features
+``process_index::process_count`` of every task and builds ``batch_size // process_count`` rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mtl_jax.data import batching
+from mtl_jax.data.samplers import build_sampler
+from mtl_jax.errors import UserError
+
+
+class TaskStream:
+    """An endless, per-epoch reshuffled walk over one task's (host-local) feature indices."""
+
+    def __init__(self, num_features: int, task_index: int, seed: int, process_index: int, process_count: int):
+        self.shard = np.arange(num_features)[process_index::process_count]
+        self.task_index, self.seed = task_index, seed
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, self.task_index, self.epoch])
+            self._order, self._order_epoch = self.shard[rng.permutation(len(self.shard))], self.epoch
+        return self._order
+
+    def take(self, count: int) -> list[int]:
+        taken = []
+        while len(taken) < count:
+            order = self._epoch_order()
+            chunk = order[self.position:self.position + count - len(taken)]
+            taken.extend(int(i) for i in chunk)
+            self.position += len(chunk)
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return taken
+
+
+class TrainIterator:
+    """``next(it) -> batch`` (dict of NumPy arrays, see docs/architecture.md)."""
+
+    def __init__(self, tasks: list, batch_size: int, seed: int, data_config, keys: tuple[str, ...],
+                 process_index: int = 0, process_count: int = 1):
+        if batch_size % process_count:
+            raise UserError(f"train batch size {batch_size} is not divisible by the {process_count} hosts")
+        self.tasks, self.keys, self.seed = tasks, keys, int(seed)
+        self.local_batch = batch_size // process_count
+        self.mode = data_config.batch_mode
+        self.buckets = batching.check_buckets(data_config.buckets)
+        if self.mode not in batching.BATCH_MODES:
+            raise UserError(f"unknown data.batch_mode {self.mode!r}; valid: {', '.join(batching.BATCH_MODES)}")
+        if self.mode == "stacked" and self.local_batch % len(tasks):
+            raise UserError(f"batch_mode=stacked needs the (per-host) batch size {self.local_batch} divisible by "
+                            f"the {len(tasks)} tasks; change train.batch_size")
+        for task in tasks:
+            if len(task.features) < process_count:
+                raise UserError(f"task {task.name} has {len(task.features)} training features, fewer than the "
+                                f"{process_count} hosts")
+        self.sampler = build_sampler(data_config.sampler, [len(t.features) for t in tasks], data_config, self.seed)
+        self.streams = [TaskStream(len(t.features), t.index, self.seed, process_index, process_count) for t in tasks]
+        self.step = 0
+
+    @property
+    def rates(self) -> dict[str, float]:
+        return {t.name: float(r) for t, r in zip(self.tasks, self.sampler.rates)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        make = getattr(self, f"_{self.mode}")
+        batch = make()
+        self.step += 1
+        return batch
+
+    def _rows(self, t: int, count: int) -> list[tuple[object, int]]:
+        return [(self.tasks[t], f) for f in self.streams[t].take(count)]
+
+    def _homogeneous(self):
+        t = int(self.sampler.tasks(self.step, 1)[0])
+        return batching.make_batch(self._rows(t, self.local_batch), self.local_batch, self.buckets, self.keys)
+
+    def _mixed(self):
+        choices = self.sampler.tasks(self.step, self.local_batch)
+        # Draw each task's rows in one go (stream order), then place them in the sampled slots.
+        pools = {t: iter(self._rows(t, int((choices == t).sum()))) for t in np.unique(choices)}
+        rows = [next(pools[t]) for t in choices]
+        return batching.make_batch(rows, self.local_batch, self.buckets, self.keys)
+
+    def _stacked(self):
+        per_task = self.local_batch // len(self.tasks)
+        rows = [self._rows(t, per_task) for t in range(len(self.tasks))]
+        return batching.make_stacked_batch(rows, per_task, self.buckets, self.keys)
+
+    def get_state(self) -> dict:
+        return dict(step=self.step, seed=self.seed, batch_size=self.local_batch, mode=self.mode,
+                    tasks={t.name: dict(epoch=s.epoch, position=s.position) for t, s in zip(self.tasks, self.streams)})
+
+    def set_state(self, state: dict) -> None:
+        names = [t.name for t in self.tasks]
+        if sorted(state.get("tasks", {})) != sorted(names):
+            raise UserError(f"the data iterator state is for tasks {sorted(state.get('tasks', {}))}, this run has "
+                            f"{sorted(names)}; resume with the same tasks or start a new workdir")
+        for key in ("seed", "batch_size", "mode"):
+            mine = dict(seed=self.seed, batch_size=self.local_batch, mode=self.mode)[key]
+            if state.get(key, mine) != mine:
+                raise UserError(f"the data iterator state has {key}={state[key]!r} but this run has {mine!r}; "
+                                f"resume with the same settings or start a new workdir")
+        self.step = int(state["step"])
+        for task, stream in zip(self.tasks, self.streams):
+            stream.epoch = int(state["tasks"][task.name]["epoch"])
+            stream.position = int(state["tasks"][task.name]["position"])

@@ -1,0 +1,166 @@
+"""Reading one split of a task into raw rows: local files (jsonl/json/csv/tsv/CoNLL) or a hub dataset.
+
+A row is ``(where, record)``; ``where`` ("path:line" or "glue/rte[validation] row 7") is what every
+error message about that row names.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from typing import Callable, Iterator
+
+from mtl_jax.errors import UserError
+from mtl_jax.registry import Registry
+from mtl_jax.tasks.definitions import resolve_path
+
+Row = tuple[str, dict]
+FORMATS: Registry[Callable[[pathlib.Path, dict], list[Row]]] = Registry("file format")
+_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "conll",
+             ".conll": "conll", ".iob": "conll", ".bio": "conll"}
+
+
+@FORMATS.register("jsonl")
+def _read_jsonl(path: pathlib.Path, definition) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix the line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}")
+            rows.append((f"{path}:{line_no}", record))
+    return rows
+
+
+@FORMATS.register("json")
+def _read_json(path: pathlib.Path, definition) -> list[Row]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+        if data and isinstance(data[0], dict) and "paragraphs" in data[0]:
+            data = list(_flatten_squad(data))
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of records (or SQuAD's {{'data': [...]}})")
+    return [(f"{path} record {i}", r) for i, r in enumerate(data)]
+
+
+def _flatten_squad(articles: list[dict]) -> Iterator[dict]:
+    """The official SQuAD nesting (data/paragraphs/qas) as hub-schema records."""
+    for article in articles:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                yield dict(id=qa["id"], title=article.get("title", ""), context=paragraph["context"],
+                           question=qa["question"],
+                           answers=dict(text=[a["text"] for a in qa["answers"]],
+                                        answer_start=[a["answer_start"] for a in qa["answers"]]))
+
+
+def _read_delimited(path: pathlib.Path, delimiter: str) -> list[Row]:
+    with path.open(encoding="utf-8", newline="") as f:
+        # TSV (GLUE style) has bare quotes inside sentences; CSV uses standard quoting.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+        return [(f"{path}:{reader.line_num}", dict(r)) for r in reader]
+
+
+FORMATS.register("csv", lambda path, definition: _read_delimited(path, ","))
+FORMATS.register("tsv", lambda path, definition: _read_delimited(path, "\t"))
+
+
+@FORMATS.register("conll")
+def _read_conll(path: pathlib.Path, definition) -> list[Row]:
+    """Column text: token first, tag last, blank line between sentences, -DOCSTART- skipped."""
+    tokens_field = definition.text_fields[0] if definition.text_fields else "tokens"
+    rows, tokens, tags, start = [], [], [], 0
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.split()
+            if parts and parts[0] == "-DOCSTART-":
+                continue
+            if not parts:
+                if tokens:
+                    rows.append((f"{path}:{start}", {tokens_field: tokens, definition.label_field: tags}))
+                tokens, tags = [], []
+                continue
+            if len(parts) < 2:
+                raise UserError(f"{path}:{line_no}: a CoNLL line needs a token and a tag column, got {line.strip()!r}")
+            if not tokens:
+                start = line_no
+            tokens.append(parts[0])
+            tags.append(parts[-1])
+    if tokens:
+        rows.append((f"{path}:{start}", {tokens_field: tokens, definition.label_field: tags}))
+    return rows
+
+
+def file_format(path: pathlib.Path, definition) -> str:
+    if definition.file_format != "auto":
+        FORMATS.get(definition.file_format)
+        return definition.file_format
+    try:
+        return _SUFFIXES[path.suffix.lower()]
+    except KeyError:
+        raise UserError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; set the task's "
+                        f"file_format to one of {', '.join(FORMATS.names())}") from None
+
+
+def local_path(task: str, split: str, definition) -> pathlib.Path:
+    path = resolve_path(definition.data[split])
+    if not path.is_file():
+        raise UserError(f"tasks.{task}.data.{split}: file {definition.data[split]!r} not found "
+                        f"(looked in the current directory and the repo root); fix the path")
+    return path
+
+
+def read_split(task: str, split: str, definition) -> list[Row]:
+    """All rows of ``split`` of a task, from its local file or its hub dataset."""
+    if split not in definition.data:
+        raise UserError(f"tasks.{task} has no {split!r} split (it has {', '.join(definition.data) or 'none'}); "
+                        f"set tasks.{task}.data.{split}")
+    if definition.hub:
+        return [(f"{where_hub(definition, split)} row {i}", r) for i, r in enumerate(load_hub(task, split, definition))]
+    path = local_path(task, split, definition)
+    return FORMATS.get(file_format(path, definition))(path, definition)
+
+
+def where_hub(definition, split: str) -> str:
+    name = f"{definition.hub}/{definition.hub_config}" if definition.hub_config else definition.hub
+    return f"{name}[{definition.data[split]}]"
+
+
+def load_hub(task: str, split: str, definition):
+    """A hub split via ``datasets``; an unreachable hub is one UserError line."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(definition.hub, definition.hub_config or None, split=definition.data[split])
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"tasks.{task}: cannot load hub dataset {where_hub(definition, split)} ({reason[:160]}); "
+                        f"check network/HF cache, or use local files: "
+                        f"mtl_jax.tasks.presets.local_task({task!r}, DATA_DIR)") from None
+
+
+def hub_label_names(task: str, definition) -> tuple[str, ...]:
+    """Label names from the hub dataset's features (ClassLabel, or a Sequence of ClassLabel)."""
+    split = next(iter(definition.data))
+    feature = load_hub(task, split, definition).features.get(definition.label_field)
+    feature = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for tags
+    return tuple(getattr(feature, "names", None) or ())
+
+
+def source_fingerprint(task: str, split: str, definition) -> dict:
+    """What identifies the split's content cheaply (for the tokenization cache key)."""
+    if definition.hub:
+        return dict(hub=where_hub(definition, split))
+    path = local_path(task, split, definition)
+    stat = path.stat()
+    return dict(path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)

@@ -1,0 +1,110 @@
+"""Task definitions: the ``config.tasks.<name>`` ConfigDicts, their defaults and their checks.
+
+A definition is a full ConfigDict (every field present, so the CLI's locked config accepts
+``--config.tasks.sst2.max_train_examples=100``). Fields common to every type live here; each task
+type adds its own (``TaskType.extra_fields``).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from mtl_jax.errors import UserError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+COMMON_FIELDS: dict[str, Any] = dict(
+    type="",
+    hub="",  # hub dataset name (e.g. "glue"); empty = local files
+    hub_config="",  # hub dataset config (e.g. "rte")
+    data={},  # split -> local file path, or hub split name when `hub` is set
+    text_fields=(),
+    label_field="label",
+    label_names=(),  # empty: from dataset_info.json beside the files, or the hub features
+    metrics=(),  # empty: the type's default metrics
+    max_length=128,
+    max_train_examples=0,  # 0 = all; else a deterministic random subset (seed 0)
+    max_eval_examples=0,  # 0 = all (or eval.max_examples when that is set)
+    file_format="auto",  # auto (from the suffix) | jsonl | json | csv | tsv | conll
+)
+
+
+def task_definition(type: str, **fields) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+    """A complete task definition of ``type`` with ``fields`` overriding the defaults."""
+    from mtl_jax.tasks.types import TASK_TYPES
+
+    task_type = TASK_TYPES.get(type)
+    defaults = dict(COMMON_FIELDS, **task_type.extra_fields, type=type)
+    if not fields.get("metrics"):
+        fields["metrics"] = task_type.default_metrics
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], defaults, n=2)
+        hint = f"; did you mean {', '.join(near)}?" if near else f"; valid fields: {', '.join(sorted(defaults))}"
+        raise UserError(f"unknown task field {unknown[0]!r} for type {type!r}{hint}")
+    merged = dict(defaults, **fields)
+    merged["data"] = ml_collections.ConfigDict(dict(merged["data"]))
+    for key in ("text_fields", "label_names", "metrics"):
+        merged[key] = tuple(merged[key] or ())
+    return ml_collections.ConfigDict(merged)
+
+
+def normalize(name: str, definition) -> ml_collections.ConfigDict:
+    """Fills defaults into a (possibly partial) user definition and checks it."""
+    if not isinstance(definition, (dict, ml_collections.ConfigDict)):
+        raise UserError(f"tasks.{name} must be a dict of task fields, got {type(definition).__name__}")
+    fields = dict(definition.items()) if isinstance(definition, ml_collections.ConfigDict) else dict(definition)
+    if not fields.get("type"):
+        from mtl_jax.tasks.types import TASK_TYPES
+
+        raise UserError(f"tasks.{name}.type is not set; valid task types: {', '.join(TASK_TYPES.names())}")
+    type_name = fields.pop("type")
+    try:
+        definition = task_definition(type_name, **fields)
+    except UserError as e:
+        raise UserError(f"tasks.{name}: {e}") from None
+    if not definition.data:
+        raise UserError(f"tasks.{name}.data is empty; set e.g. tasks.{name}.data.train=PATH "
+                        f"(or use mtl_jax.tasks.presets.local_task/hub_task)")
+    return definition
+
+
+def task_definitions(config) -> dict[str, ml_collections.ConfigDict]:
+    """``config.tasks`` as name -> full definition, in config order."""
+    if not config.tasks:
+        raise UserError("config.tasks is empty; add a task, e.g. "
+                        "config.tasks.sst2 = mtl_jax.tasks.presets.local_task('sst2', '../shared/data')")
+    return {name: normalize(name, d) for name, d in config.tasks.items()}
+
+
+def resolve_path(path: str) -> pathlib.Path:
+    """A relative path resolves against the current directory, then the repository root."""
+    p = pathlib.Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return p
+    at_root = REPO_ROOT / p
+    return at_root if at_root.exists() else p
+
+
+def dataset_info(definition) -> dict:
+    """The ``dataset_info.json`` beside the task's local files ({} when absent or hub data)."""
+    if definition.hub:
+        return {}
+    for path in definition.data.values():
+        info = resolve_path(path).parent / "dataset_info.json"
+        if info.is_file():
+            try:
+                return json.loads(info.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{info} is not valid JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
+    return {}
+
+
+def definition_fingerprint(definition) -> dict:
+    """The fields that change tokenized features (for the cache key), JSON-ready."""
+    return json.loads(definition.to_json(sort_keys=True))
