@@ -1,0 +1,173 @@
+"""Hugging Face PyTorch single-task fine-tuning under the comparison protocol (configs/compare.py).
+
+The reference row of ``mtl_jax.compare``'s report: ``BertModel`` from the local MiniLM weights + a
+linear head (dropout 0.1, [CLS] for sentence tasks, every token for CoNLL-2003), AdamW (lr 5e-5,
+weight decay 0.01 except biases and LayerNorm, eps 1e-8), 10% linear warm-up then linear decay,
+gradient clipping at 1.0 (optim.clip_norm), batch 32, seed 0. The batches and the evaluation are
+mtl_jax's own (``build_data`` + ``train_iterator`` + ``evaluate_task``): the same examples in the
+same order, the same SST-2 subsample, the same length buckets and the same metric code, so the
+numbers compare directly with ``DIR/runs/single_<task>``.
+
+  python bench/hf_reference.py --workdir=DIR                       # every task, the full protocol
+  python bench/hf_reference.py --workdir=DIR --tasks=rte --max_steps=20    # a quick check
+
+Writes ``DIR/reference/<task>/{results.json,results.md,metrics.jsonl}`` (results.json in
+mtl_jax.training.results' schema, with trainable_params, wall_s and examples_per_s).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from configs import compare as protocol  # noqa: E402
+from mtl_jax.evaluation import evaluate_task  # noqa: E402
+from mtl_jax.training.metrics_writer import MetricsWriter  # noqa: E402
+from mtl_jax.training.results import write_results  # noqa: E402
+
+IGNORE = -100
+
+
+class Classifier(torch.nn.Module):
+    """BertModel + dropout + one linear layer (on [CLS], or on every token)."""
+
+    def __init__(self, path: str, num_labels: int, per_token: bool, dropout: float):
+        super().__init__()
+        from transformers import BertModel
+
+        self.bert = BertModel.from_pretrained(path, add_pooling_layer=False)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(self.bert.config.hidden_size, num_labels)
+        torch.nn.init.normal_(self.head.weight, std=0.02)  # BERT's initializer_range
+        torch.nn.init.zeros_(self.head.bias)
+        self.per_token = per_token
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        hidden = self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"]).last_hidden_state
+        return self.head(self.dropout(hidden if self.per_token else hidden[:, 0]))
+
+
+def to_torch(batch: dict) -> dict:
+    return {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.items()
+            if k in ("input_ids", "attention_mask", "token_type_ids", "label", "tag_ids")}
+
+
+def labels_of(batch: dict, raw: dict, per_token: bool) -> torch.Tensor:
+    """Ignore padding examples (weight 0) exactly as mtl_jax's loss does."""
+    weight = torch.from_numpy(np.asarray(raw["weight"])) > 0
+    if per_token:
+        return torch.where(weight[:, None], batch["tag_ids"], IGNORE)
+    return torch.where(weight, batch["label"], IGNORE)
+
+
+def linear_warmup_decay(total: int, fraction: float):
+    """optax's schedule in mtl_jax.training.optim: 0 -> 1 over int(f * total) steps, then -> 0."""
+    warmup = int(fraction * total)
+    decay = max(total - warmup, 1)
+    return lambda s: s / warmup if s < warmup else max(0.0, 1.0 - (s - warmup) / decay)
+
+
+def optimizer(model: torch.nn.Module, c) -> torch.optim.AdamW:
+    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n  # noqa: E731  # optim.no_decay
+    params = list(model.named_parameters())
+    groups = [dict(params=[p for n, p in params if not no_decay(n)], weight_decay=c.optim.weight_decay),
+              dict(params=[p for n, p in params if no_decay(n)], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2), eps=c.optim.eps)
+
+
+def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict:
+    from mtl_jax.checkpoints.hf import resolve_model_path
+    from mtl_jax.data.pipeline import build_data, load_tokenizer
+
+    c = protocol.get_config(f"tasks={task}")
+    if tiny_data:  # the tiny data caps only: the model stays the real MiniLM
+        for t in c.tasks.values():
+            t.max_train_examples, t.max_eval_examples = 64, 32
+        c.train.num_steps = protocol.num_steps(c.tasks, protocol.EPOCHS, c.train.batch_size)
+        c.train.eval_every = max(1, c.train.num_steps // protocol.EVALS_PER_RUN)
+    steps = min(c.train.num_steps, max_steps) if max_steps else c.train.num_steps
+    eval_every = c.train.eval_every if not max_steps else max(1, steps // 2)
+    path = str(resolve_model_path(c.model.name_or_path))
+    torch.manual_seed(c.seed)
+    data = build_data(c, load_tokenizer(path))
+    spec = data.specs[0]
+    per_token = spec.type == "token_classification"
+    metric = protocol.PRIMARY_METRICS[task]
+    model = Classifier(path, spec.num_labels, per_token, c.heads.dropout)
+    opt = optimizer(model, c)
+    # The schedule spans the protocol's full step count even under --max_steps (a quick run is
+    # the first max_steps of the real run, not a compressed one).
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(c.train.num_steps,
+                                                                           c.optim.warmup_fraction))
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
+    iterator = data.train_iterator(c.train.batch_size, seed=c.data.shuffle_seed, process_index=0,
+                                   process_count=1)
+    writer = MetricsWriter(out_dir, enabled=True, tensorboard=False)
+    start, train_time, seen, best, best_step, final = time.time(), 0.0, 0, None, None, {}
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        with torch.no_grad():
+            predict = lambda b: model(to_torch(b)).float().numpy()  # noqa: E731
+            metrics, report = evaluate_task(data.eval_data(task), predict, c.eval.batch_size)
+        model.train()
+        writer.write(step, {f"eval/{task}/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    model.train()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        raw = next(iterator)
+        batch = to_torch(raw)
+        logits = model(batch)
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]).float(), labels_of(batch, raw, per_token).reshape(-1))
+        loss.backward()
+        if c.optim.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.clip_norm)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        train_time += time.perf_counter() - t0
+        seen += int((np.asarray(raw["weight"]) > 0).sum())
+        if step % c.train.log_every == 0 or step == steps:
+            writer.write(step, {"train/loss": loss.item(), "train/examples_per_s": seen / train_time})
+        if step % eval_every == 0 or step == steps:
+            final = evaluate(step)
+            if best is None or final[metric] > best[metric]:
+                best, best_step = final, step
+    writer.close()
+    extra = dict(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 wall_s=time.time() - start, examples_per_s=seen / train_time,
+                 framework=f"torch {torch.__version__}", protocol_steps=c.train.num_steps)
+    write_results(out_dir, {task: final}, final_step=steps, best={task: best}, best_step=best_step,
+                  extra=extra)
+    return {task: final[metric]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="the comparison's DIR (writes DIR/reference/<task>)")
+    parser.add_argument("--tasks", default=",".join(protocol.TASKS), help="comma-separated subset")
+    parser.add_argument("--max_steps", type=int, default=0, help="stop after N steps (0 = the protocol's)")
+    parser.add_argument("--tiny_data", action="store_true", help="64 train / 32 eval examples a task")
+    args = parser.parse_args()
+    for task in (t for t in args.tasks.split(",") if t):
+        if task not in protocol.TASKS:
+            sys.exit(f"error: unknown task {task!r}; use a comma-separated subset of {','.join(protocol.TASKS)}")
+        out = os.path.join(args.workdir, "reference", task)
+        print(task, train_task(task, out, args.max_steps, args.tiny_data), "->", out)
+
+
+if __name__ == "__main__":
+    main()

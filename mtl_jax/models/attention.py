@@ -1,0 +1,100 @@
+"""The one attention function of BERT and T5, on top of ``jax.nn.dot_product_attention``.
+
+Shapes follow jax.nn: q [B, T, N, H], k/v [B, S, N, H]; ``bias`` is additive and broadcastable to
+[B, N, T, S]; ``mask`` is boolean (True = attend), broadcastable to [B, N, T, S]. Keys of a
+``Prefix`` sit before the sequence keys (S = P + L).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.errors import UserError
+
+
+class Prefix(NamedTuple):
+    """Per-layer key/value prefixes (prefix tuning).
+
+    keys, values: [num_layers, B, P, num_heads, head_dim]; mask: [B, P], 1 = attend.
+    T5: prefix keys get zero relative position bias (they have no position).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    mask: jax.Array
+
+
+def resolve_attention_impl(name: str, dtype) -> str:
+    """auto = cuDNN flash attention on GPU for 16-bit compute (cuDNN has no float32 kernel), else XLA."""
+    if name != "auto":
+        return name
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+def build_mask(attention_mask: jax.Array, prefix_mask: Optional[jax.Array] = None) -> jax.Array:
+    """[B, L] padding mask (and [B, P] prefix mask) -> boolean [B, 1, 1, P + L] key mask."""
+    keys = attention_mask if prefix_mask is None else jnp.concatenate(
+        [prefix_mask.astype(attention_mask.dtype), attention_mask], axis=1)
+    return (keys > 0)[:, None, None, :]
+
+
+def pad_bias_for_prefix(bias: jax.Array, prefix_length: int) -> jax.Array:
+    """[.., T, S] bias -> [.., T, P + S] with zeros on the prefix keys (no relative position)."""
+    if prefix_length == 0:
+        return bias
+    pad = [(0, 0)] * (bias.ndim - 1) + [(prefix_length, 0)]
+    return jnp.pad(bias, pad)
+
+
+def dot_product_attention(query, key, value, *, bias=None, mask=None, scale=None,
+                          implementation: str = "xla", dropout_rate: float = 0.0,
+                          dropout_rng=None):
+    """softmax(scale * q k^T + bias, masked) v, per head. Returns [B, T, N, H] in query's dtype.
+
+    scale=None is 1/sqrt(head_dim) (BERT); T5 passes scale=1.0. The fused kernels have no
+    probability dropout, so training with ``dropout_rate > 0`` takes the explicit XLA path below
+    (set the attention dropout to 0 to keep the fused kernel in training).
+    """
+    if bias is not None:
+        bias = bias.astype(query.dtype if implementation == "cudnn" else jnp.float32)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        return _attention_with_dropout(query, key, value, bias, mask, scale, dropout_rate,
+                                       dropout_rng)
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                                        implementation=implementation)
+
+
+def _attention_with_dropout(query, key, value, bias, mask, scale, rate, rng):
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("btnh,bsnh->bnts", query, key,
+                        preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(value.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, value)
+
+
+def prepare_attention(attention_mask, prefix: Optional[Prefix], num_layers: int, num_heads: int,
+                      head_dim: int, position_bias=None):
+    """-> (mask [B,1,1,P+L], bias [1,N,L,P+L] | None, (keys, values) | None) for the layer stack."""
+    if prefix is None:
+        return build_mask(attention_mask), position_bias, None
+    batch = attention_mask.shape[0]
+    want = (num_layers, batch, prefix.keys.shape[2], num_heads, head_dim)
+    if prefix.keys.shape != want or prefix.values.shape != want:
+        raise UserError(f"prefix keys/values have shapes {prefix.keys.shape}/{prefix.values.shape}; "
+                        f"the encoder needs [num_layers, B, P, num_heads, head_dim] = {want}")
+    if prefix.mask.shape != (batch, want[2]):
+        raise UserError(f"prefix mask has shape {prefix.mask.shape}; it must be [B, P] = "
+                        f"{(batch, want[2])}")
+    mask = build_mask(attention_mask, prefix.mask)
+    if position_bias is not None:
+        position_bias = pad_bias_for_prefix(position_bias, want[2])
+    return mask, position_bias, (prefix.keys, prefix.values)

@@ -1,0 +1,219 @@
+"""mtl_jax.compare: the setup plan, the resume logic (fake launcher) and the report from fake runs."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from mtl_jax import compare
+from mtl_jax.errors import UserError
+from mtl_jax.training.results import write_results
+
+sys.path.insert(0, str(REPO))
+from configs import compare as compare_config  # noqa: E402
+
+METRICS = {"sst2": "accuracy", "cola": "matthews_corrcoef", "rte": "accuracy", "conll2003": "f1"}
+
+
+@pytest.fixture
+def tiny(shared_data):
+    return compare_config.get_config("tiny")
+
+
+# --- the protocol config -----------------------------------------------------------------------
+
+def test_protocol_steps_are_three_epochs_of_the_capped_data(shared_data):
+    c = compare_config.get_config()
+    # SST-2 capped at 10,000; CoLA 8,551, RTE 2,490, CoNLL-2003 14,041 train rows (README counts).
+    assert compare_config.count_train_examples(c.tasks.sst2) == 10_000
+    assert compare_config.count_train_examples(c.tasks.cola) == 8_551
+    assert compare_config.count_train_examples(c.tasks.rte) == 2_490
+    assert c.train.num_steps == -(-3 * (10_000 + 8_551 + 2_490 + 14_041) // 32) == 3289
+    assert compare_config.get_config("tasks=rte").train.num_steps == -(-3 * 2_490 // 32) == 234
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.warmup_fraction, c.optim.schedule) == (
+        5e-5, 0.01, 0.1, "linear")
+    assert c.train.batch_size == 32 and all(t.max_length == 128 for t in c.tasks.values())
+    assert compare.protocol_metrics(c) == METRICS
+    tiny = compare_config.get_config("tiny,tasks=rte,epochs=1")
+    assert tiny.train.num_steps == 4 and tiny.model.random_init  # 64 examples / batch 16
+
+
+def test_bad_config_args_are_user_errors(shared_data):
+    with pytest.raises(UserError, match="tasks=NAME"):
+        compare_config.get_config("small")
+    with pytest.raises(UserError, match="unknown task 'mnli'"):
+        compare_config.get_config("tasks=mnli")
+
+
+# --- the plan --------------------------------------------------------------------------------
+
+def test_plan_has_every_setup_with_its_overrides(tiny):
+    setups = {s.name: s for s in compare.plan(tiny, ["optim.lr=3e-5,5e-5"])}
+    assert list(setups) == ["single_sst2", "single_cola", "single_rte", "single_conll2003", "hard", "soft",
+                            "prefix", "adapters", "lora", "hard_optim.lr=3e-05", "hard_optim.lr=5e-05"]
+    all_tasks = ("sst2", "cola", "rte", "conll2003")
+    for task in all_tasks:
+        assert setups[f"single_{task}"].tasks == (task,)
+        assert setups[f"single_{task}"].overrides == {"sharing.mode": "hard", "peft.kind": "none"}
+    assert setups["soft"].overrides == {"sharing.mode": "soft", "peft.kind": "none",
+                                        "data.batch_mode": "homogeneous"}
+    for name, kind in [("prefix", "prefix"), ("adapters", "adapter"), ("lora", "lora")]:
+        assert setups[name].overrides == {"sharing.mode": "hard", "peft.kind": kind, "optim.lr": 1e-3}
+        assert setups[name].tasks == all_tasks
+    assert setups["hard_optim.lr=3e-05"].sweep == ("optim.lr", 3e-5)
+
+
+def test_child_command_orders_setup_then_user_then_sweep(tiny):
+    setups = {s.name: s for s in compare.plan(tiny, ["optim.lr=3e-5"])}
+    user = {"optim.lr": 2e-5, "train.log_every": 7}
+    cmd = compare.child_command(setups["single_rte"], "/r/configs/compare.py", tiny.compare.args, "/w/single_rte", user)
+    assert cmd[1:] == ["-m", "mtl_jax.main", "--config=/r/configs/compare.py:tiny,tasks=rte", "--workdir=/w/single_rte",
+                       "--config.optim.lr=2e-05", "--config.peft.kind=none", "--config.sharing.mode=hard",
+                       "--config.train.log_every=7"]
+    # A user override beats the setup's PEFT lr; the sweep value beats the user's override.
+    assert compare.merged_overrides(setups["lora"], user)["optim.lr"] == 2e-5
+    assert compare.merged_overrides(setups["hard_optim.lr=3e-05"], user)["optim.lr"] == 3e-5
+    c = compare.setup_config(tiny, setups["lora"], user)
+    assert list(c.tasks.keys()) == sorted(["sst2", "cola", "rte", "conll2003"])
+    assert (c.peft.kind, c.optim.lr, c.train.log_every) == ("lora", 2e-5, 7)
+    assert list(compare.setup_config(tiny, setups["single_cola"]).tasks.keys()) == ["cola"]
+
+
+def test_plan_errors_are_one_line(tiny):
+    with pytest.raises(UserError, match="unknown config key 'optim.lrr'; did you mean optim.lr"):
+        compare.plan(tiny, ["optim.lrr=1e-3"])
+    with pytest.raises(UserError, match="bad value 'fast' for optim.lr: expected float"):
+        compare.plan(tiny, ["optim.lr=fast"])
+    with pytest.raises(UserError, match="needs KEY=V1,V2"):
+        compare.plan(tiny, ["optim.lr"])
+    with tiny.unlocked():
+        tiny.compare.setups = "hard,shared"
+    with pytest.raises(UserError, match="unknown comparison setup 'shared'"):
+        compare.plan(tiny)
+
+
+# --- resume (fake launcher) ------------------------------------------------------------------
+
+class FakeLauncher:
+    """Records launches; "trains" by writing results.json unless the setup is in ``fail``."""
+
+    def __init__(self, fail=()):
+        self.launched, self.fail = [], set(fail)
+
+    def __call__(self, command, log_path):
+        run_dir = os.path.dirname(log_path)
+        name = os.path.basename(run_dir)
+        self.launched.append(name)
+        if name in self.fail:
+            return 1
+        task = command[3].rsplit("tasks=", 1)[1].split("+")[0]
+        write_results(run_dir, {task: {METRICS[task]: 0.5}}, final_step=4)
+        return 0
+
+
+def test_resume_skips_finished_setups_and_relaunches_half_done_ones(tiny, tmp_path):
+    with tiny.unlocked():
+        tiny.compare.setups = "single,hard,lora"
+    runs = tmp_path / "runs"
+    write_results(str(runs / "single_sst2"), {"sst2": {"accuracy": 0.9}}, final_step=4)  # finished earlier
+    fake = FakeLauncher(fail={"lora"})
+    count = lambda c: (7, 70)  # noqa: E731  # no model building in this test
+    statuses = compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), launch=fake,
+                                      count_params=count, log=lambda s: None)
+    assert fake.launched == ["single_cola", "single_rte", "single_conll2003", "hard", "lora"]
+    assert statuses == {"single_sst2": "skipped", "single_cola": "done", "single_rte": "done",
+                        "single_conll2003": "done", "hard": "done", "lora": "failed (exit 1)"}
+    facts = json.loads((runs / "lora" / "compare.json").read_text())
+    assert (facts["launches"], facts["returncode"], facts["trainable_params"]) == (1, 1, 7)
+    assert facts["overrides"] == {"sharing.mode": "hard", "peft.kind": "lora", "optim.lr": "0.001"}
+
+    fake = FakeLauncher()  # the second invocation only resumes the half-done setup
+    statuses = compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), launch=fake,
+                                      count_params=count, log=lambda s: None)
+    assert fake.launched == ["lora"]
+    assert statuses["lora"] == "done" and statuses["hard"] == "skipped"
+    assert json.loads((runs / "lora" / "compare.json").read_text())["launches"] == 2
+    assert (tmp_path / "report.md").is_file()
+
+    (runs / "hard" / "results.json").unlink()  # half-done again, but now launched with other settings
+    with pytest.raises(UserError, match="was started with other settings"):
+        compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), {"optim.lr": 1e-4},
+                               launch=fake, count_params=count, log=lambda s: None)
+
+
+# --- the report from hand-made run directories --------------------------------------------------
+
+def fake_run(root, name, final, best=None, facts=None, events=(), extra=None):
+    run = pathlib.Path(root) / name
+    write_results(str(run), final, final_step=100, best=best or final, best_step=50, extra=extra)
+    if facts is not None:
+        (run / "compare.json").write_text(json.dumps(facts))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def test_report_table_rows_mean_and_plots(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "hard", {"sst2": {"accuracy": 0.9, "loss": 3.0}, "cola": {"matthews_corrcoef": 0.4},
+                            "rte": {"accuracy": 0.6}, "conll2003": {"f1": 0.8, "precision": 0.1}},
+             best={"sst2": {"accuracy": 0.92}, "cola": {"matthews_corrcoef": 0.44},
+                   "rte": {"accuracy": 0.64}, "conll2003": {"f1": 0.8}},
+             facts={"trainable_params": 22_718_991, "wall_s": 600.0},
+             events=[{"step": 10, "train/examples_per_s": 100.0}, {"step": 20, "train/examples_per_s": 300.0},
+                     {"step": 30, "train/examples_per_s": 200.0, "eval/sst2/accuracy": 0.8},
+                     {"step": 60, "eval/sst2/accuracy": 0.9, "eval/rte/accuracy": 0.6}])
+    fake_run(runs, "single_sst2", {"sst2": {"accuracy": 0.91}}, facts={"trainable_params": 2e6, "wall_s": 60.0},
+             extra={"examples_per_s": 50.0})
+    fake_run(runs, "single_cola", {"cola": {"matthews_corrcoef": 0.5}}, facts={"trainable_params": 3e6, "wall_s": 180.0},
+             extra={"examples_per_s": 10.0})
+    fake_run(runs, "lora", {"sst2": {"accuracy": 0.85}}, facts={})  # a partial run: no mean
+    (runs / "soft").mkdir()  # not finished: no row
+    fake_run(tmp_path / "reference", "rte", {"rte": {"accuracy": 0.7}}, extra={"trainable_params": 1e6,
+                                                                              "wall_s": 30.0, "examples_per_s": 8.0})
+    path = compare.write_report(str(tmp_path), METRICS, ["single_sst2", "single_cola", "hard", "lora"])
+    text = pathlib.Path(path).read_text()
+    head = ("| setup | sst2 accuracy | cola matthews_corrcoef | rte accuracy | conll2003 f1 | mean | "
+            "trainable params | wall time | examples/s |")
+    # mean of hard = (90 + 40 + 60 + 80) / 4 = 67.5; examples/s = median(100, 300, 200) = 200.
+    # single-task (all): params 2M + 3M, wall 60 + 180 s = 4.0 min,
+    # examples/s = (50 * 60 + 10 * 180) / 240 = 20.
+    expected = "\n".join([
+        head, "| --- |" + " ---: |" * 8,
+        "| single_sst2 | 91.00 | - | - | - | - | 2M | 1.0 min | 50.0 |",
+        "| single_cola | - | 50.00 | - | - | - | 3M | 3.0 min | 10.0 |",
+        "| single-task (all) | 91.00 | 50.00 | - | - | - | 5M | 4.0 min | 20.0 |",
+        "| hard | 90.00 | 40.00 | 60.00 | 80.00 | 67.50 | 22.7M | 10.0 min | 200.0 |",
+        "| lora | 85.00 | - | - | - | - | - | - | - |",
+        "| HF PyTorch single-task (reference) | - | - | 70.00 | - | - | 1M | 0.5 min | 8.0 |",
+    ])
+    assert expected in text
+    assert "| hard | 92.00 | 44.00 | 64.00 | 80.00 | 70.00 | 22.7M | 10.0 min | 200.0 |" in text  # best table
+    rows = {r.name: r for r in compare.collect_rows(str(tmp_path), METRICS)}
+    assert rows["hard"].curves == {"sst2": [(30, 0.8), (60, 0.9)], "rte": [(60, 0.6)]}
+    for png in (compare.BAR_PLOT, compare.CURVE_PLOT):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (REPO / "mtl_jax" / "training" / "runner.py").exists(),
+                    reason="mtl_jax.main does not train yet (no mtl_jax/training/runner.py)")
+def test_compare_end_to_end_tiny(shared_data, tmp_path):
+    """Two tiny setups on RTE through real `python -m mtl_jax.main` subprocesses, then the report."""
+    cmd = [sys.executable, "-m", "mtl_jax.compare", "--config=configs/compare.py:tiny,tasks=rte,epochs=1",
+           f"--workdir={tmp_path}", "--config.compare.setups=single,lora", "--config.eval.batch_size=32"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for setup in ("single_rte", "lora"):
+        results = json.loads((tmp_path / "runs" / setup / "results.json").read_text())
+        assert results["final_step"] == 4
+        assert 0.0 <= results["final"]["rte"]["accuracy"] <= 1.0
+    report = (tmp_path / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith(("| single_rte ", "| lora "))]
+    assert len(rows) == 4  # final and best tables
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("skipped") == 2, proc.stdout
