@@ -1,0 +1,268 @@
+"""MultiTaskModel: a shared (or per-task) encoder, per-task PEFT, and one head per task.
+
+Parameters::
+
+  {"encoder": encoder params            (hard sharing)
+              | the same tree, every leaf [T, ...]   (soft sharing),
+   "heads":   {<task>: head params},
+   "prefix":  prefix params             (peft.kind=prefix; see prefix.py)}
+
+Every head runs on every example (heads are cheap next to the encoder), so one compiled step
+serves any mix of tasks; ``task_losses`` keeps each task's own examples. Adapters and LoRA live
+inside the encoder and are gathered per example by ``task_id``; prefixes are gathered here.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from mtl_jax.errors import UserError
+from mtl_jax.models import heads as heads_lib
+from mtl_jax.models import losses as losses_lib
+from mtl_jax.models import prefix as prefix_lib
+from mtl_jax.models import soft_sharing
+from mtl_jax.models import summary as summary_lib
+from mtl_jax.models.encoder_config import EncoderConfig
+from mtl_jax.registry import Registry
+from mtl_jax.tasks.spec import TaskSpec
+
+# peft.kind -> EncoderConfig overrides (in-encoder PEFT; prefixes are handled by the model).
+PEFT_KINDS: Registry[Callable] = Registry("peft kind")
+PEFT_KINDS.register("none", lambda peft, num_tasks: {})
+PEFT_KINDS.register("prefix", lambda peft, num_tasks: {})
+PEFT_KINDS.register("adapter", lambda peft, num_tasks: dict(
+    num_tasks=num_tasks, adapter_kind=peft.adapter_kind, adapter_size=peft.adapter_size))
+PEFT_KINDS.register("lora", lambda peft, num_tasks: dict(
+    num_tasks=num_tasks, lora_rank=peft.lora_rank, lora_alpha=peft.lora_alpha,
+    lora_dropout=peft.lora_dropout, lora_targets=peft.lora_targets))
+
+SHARING_MODES = ("hard", "soft")
+HOMOGENEOUS_BATCH_MODES = ("homogeneous", "stacked")  # stacked: each sub-batch holds one task
+
+
+def load_tokenizer(config):
+    """The run's tokenizer: ``model.tokenizer``, else the one stored with ``model.name_or_path``."""
+    from mtl_jax.checkpoints import hf
+
+    return hf.load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+
+
+def encoder_overrides(config, num_tasks: int) -> dict:
+    """EncoderConfig fields set by the run config (runtime switches, dropout, in-encoder PEFT)."""
+    m = config.model
+    out = dict(dtype=m.dtype, attention_impl=m.attention_impl, remat=m.remat,
+               scan_layers=m.scan_layers)
+    if m.dropout >= 0:
+        out.update(hidden_dropout=m.dropout, attention_dropout=m.dropout)
+    out.update(PEFT_KINDS.get(config.peft.kind)(config.peft, num_tasks))
+    return out
+
+
+def _random_encoder_config(config, overrides) -> EncoderConfig:
+    from mtl_jax.checkpoints import hf
+
+    sizes = {k: v for k, v in config.model.size.items() if v}
+    vocab_size = len(load_tokenizer(config))
+    family = config.model.family
+    if family == "auto":
+        raise UserError("model.random_init needs model.family (bert, t5 or t5_v1_1), not auto")
+    return hf.random_encoder_config(family, vocab_size=vocab_size, **sizes, **overrides)
+
+
+def _pretrained_encoder_config(config, overrides) -> EncoderConfig:
+    from mtl_jax.checkpoints import hf
+
+    path = pathlib.Path(hf.resolve_model_path(config.model.name_or_path))
+    hf_config = json.loads((path / "config.json").read_text())
+    return hf.encoder_config_from_hf(hf_config, **overrides)
+
+
+def _check_specs(specs: Sequence[TaskSpec]) -> list[TaskSpec]:
+    specs = sorted(specs, key=lambda s: s.index)
+    if not specs:
+        raise UserError("the model needs at least one task; add one to config.tasks")
+    if [s.index for s in specs] != list(range(len(specs))):
+        raise UserError(f"task indices must be 0..T-1, got {[s.index for s in specs]}; "
+                        "build TaskSpecs with consecutive indices")
+    for s in specs:
+        heads_lib.HEADS.get(s.type)
+    return specs
+
+
+class MultiTaskModel:
+    """See the module docstring and docs/architecture.md for the contract."""
+
+    def __init__(self, config, specs: Sequence[TaskSpec], encoder_config: EncoderConfig):
+        from mtl_jax.models.encoder import build_encoder
+
+        self.config = config
+        self.specs = _check_specs(specs)
+        self.num_tasks = len(self.specs)
+        self.sharing = config.sharing.mode
+        self.peft_kind = config.peft.kind
+        self.pooling = config.heads.pooling
+        self.homogeneous = config.data.batch_mode in HOMOGENEOUS_BATCH_MODES
+        self.encoder_config = encoder_config
+        self.encoder = build_encoder(encoder_config)
+        self.heads = {s.name: heads_lib.build_head(s.type, s.num_labels, config.heads.dropout)
+                      for s in self.specs}
+        heads_lib.POOLINGS.get(self.pooling)
+        self._tokenizer = None
+
+    # --- parameters -----------------------------------------------------------------------
+
+    def _dummy_inputs(self):
+        ids = jnp.zeros((1, 8), jnp.int32)
+        return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=ids,
+                    task_ids=jnp.zeros((1,), jnp.int32) if self.encoder_config.num_tasks else None)
+
+    def init_encoder(self, rng, pretrained: bool):
+        if not pretrained:
+            init = jax.jit(lambda r: self.encoder.init(r, **self._dummy_inputs())["params"])
+            return nn.unbox(init(rng))
+        from mtl_jax.checkpoints import hf
+
+        overrides = encoder_overrides(self.config, self.num_tasks)
+        _, params = hf.load_encoder(self.config.model.name_or_path, dtype=overrides.pop("dtype"),
+                                    rng=rng, **overrides)
+        return nn.unbox(params)
+
+    def init_params(self, rng, pretrained: bool | None = None):
+        """All parameters; the encoder from the checkpoint unless model.random_init."""
+        pretrained = not self.config.model.random_init if pretrained is None else pretrained
+        enc_rng, head_rng, prefix_rng = jax.random.split(rng, 3)
+        encoder = self.init_encoder(enc_rng, pretrained)
+        heads_lib.check_pooling(self.pooling, encoder)
+        if self.sharing == "soft":
+            encoder = soft_sharing.stack_copies(encoder, self.num_tasks)
+        hidden = self.encoder_config.hidden_size
+        feats = heads_lib.Features(jnp.zeros((1, 2, hidden)), jnp.ones((1, 2), jnp.int32),
+                                   jnp.zeros((1, hidden)))
+        head_rngs = jax.random.split(head_rng, self.num_tasks)
+        params = {"encoder": encoder,
+                  "heads": {s.name: self.heads[s.name].init(r, feats)["params"]
+                            for s, r in zip(self.specs, head_rngs)}}
+        if self.peft_kind == "prefix":
+            c = self.encoder_config
+            params["prefix"] = prefix_lib.init_prefix_params(
+                prefix_rng, num_tasks=self.num_tasks, prefix_length=self.config.peft.prefix_length,
+                hidden_size=c.hidden_size, prefix_hidden=self.config.peft.prefix_hidden,
+                num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim)
+        return params
+
+    def abstract_params(self):
+        """ShapeDtypeStructs of ``init_params`` without reading any checkpoint (for restores)."""
+        return jax.eval_shape(functools.partial(self.init_params, pretrained=False),
+                              jax.random.key(0))
+
+    # --- forward --------------------------------------------------------------------------
+
+    def _encode(self, encoder_params, batch, prefix, rng, deterministic):
+        task_ids = batch["task_id"].astype(jnp.int32)
+        rngs = {} if deterministic else {"dropout": rng}
+        hidden = self.encoder.apply(
+            {"params": encoder_params}, batch["input_ids"], batch["attention_mask"],
+            token_type_ids=batch.get("token_type_ids"),
+            task_ids=task_ids if self.encoder_config.num_tasks else None,
+            prefix=prefix, deterministic=deterministic, rngs=rngs)
+        pooled = heads_lib.POOLINGS.get(self.pooling)(hidden, batch["attention_mask"],
+                                                     encoder_params)
+        return hidden, pooled
+
+    def features(self, params, batch, rng=None, deterministic=True, homogeneous=None):
+        """Runs the encoder(s) -> heads.Features. ``homogeneous`` defaults to data.batch_mode."""
+        if not deterministic and rng is None:
+            raise ValueError("deterministic=False needs an rng for dropout")
+        homogeneous = self.homogeneous if homogeneous is None else homogeneous
+        prefix = (prefix_lib.gather_prefix(params["prefix"], batch["task_id"])
+                  if "prefix" in params else None)
+        encode = functools.partial(self._encode, batch=batch, prefix=prefix, rng=rng,
+                                   deterministic=deterministic)
+        if self.sharing == "hard":
+            hidden, pooled = encode(params["encoder"])
+        elif homogeneous:  # one encoder: the task of the first real example
+            first_real = jnp.argmax(batch["weight"] > 0)
+            hidden, pooled = encode(soft_sharing.select(params["encoder"],
+                                                        batch["task_id"][first_real]))
+        else:  # mixed: every task's encoder on the whole batch, each example keeps its own
+            hidden_all, pooled_all = jax.vmap(encode)(params["encoder"])
+            rows = jnp.arange(hidden_all.shape[1])
+            hidden, pooled = hidden_all[batch["task_id"], rows], pooled_all[batch["task_id"], rows]
+        return heads_lib.Features(hidden, batch["attention_mask"], pooled)
+
+    def apply(self, params, batch, rng=None, deterministic=True, homogeneous=None):
+        """{task: head output on every example of the batch}."""
+        feats = self.features(params, batch, rng, deterministic, homogeneous)
+        head_rngs = {} if deterministic else dict(zip(
+            (s.name for s in self.specs), jax.random.split(jax.random.fold_in(rng, 1),
+                                                           self.num_tasks)))
+        return {s.name: self.heads[s.name].apply(
+                    {"params": params["heads"][s.name]}, feats, deterministic=deterministic,
+                    rngs={"dropout": head_rngs[s.name]} if head_rngs else {})
+                for s in self.specs}
+
+    def task_losses(self, params, batch, rng=None, deterministic=False, homogeneous=None):
+        """-> (losses [T], counts [T], aux); aux["soft_penalty"] already includes lambda."""
+        outputs = self.apply(params, batch, rng, deterministic, homogeneous)
+        losses, counts = losses_lib.task_mean_losses(outputs, batch, self.specs)
+        penalty = (soft_sharing.soft_penalty(params["encoder"], self.config.sharing.soft_penalty,
+                                             self.config.sharing.soft_lambda)
+                   if self.sharing == "soft" else jnp.zeros((), jnp.float32))
+        return losses, counts, {"soft_penalty": penalty}
+
+    # --- bookkeeping ----------------------------------------------------------------------
+
+    def param_labels(self, params):
+        return summary_lib.param_labels(params)
+
+    def trainable_mask(self, params):
+        return summary_lib.trainable_mask(params, self.peft_kind)
+
+    def summary(self, params) -> str:
+        return summary_lib.summary(params, self.peft_kind)
+
+    def logical_specs(self, params):
+        """PartitionSpecs of logical axis names (from the encoder's boxes), () where unannotated.
+
+        Soft sharing puts None (replicated) on the leading task axis.
+        """
+        boxed = jax.eval_shape(lambda: self.encoder.init(jax.random.key(0),
+                                                         **self._dummy_inputs())["params"])
+        by_path = {path: spec for path, spec in jax.tree_util.tree_leaves_with_path(
+            nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, PartitionSpec))}
+        task_axis = (None,) if self.sharing == "soft" else ()
+
+        def spec_for(path, leaf):
+            if summary_lib._names(path)[0] != "encoder":
+                return PartitionSpec()
+            spec = by_path.get(path[1:], PartitionSpec())
+            return PartitionSpec(*task_axis, *spec) if (spec or task_axis) else spec
+
+        return jax.tree_util.tree_map_with_path(spec_for, params)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config)
+        return self._tokenizer
+
+
+def build_model(config, specs: Sequence[TaskSpec]) -> MultiTaskModel:
+    if config.sharing.mode not in SHARING_MODES:
+        raise UserError(f"sharing.mode={config.sharing.mode!r}; use one of {SHARING_MODES}")
+    if config.sharing.mode == "soft" and config.peft.kind != "none":
+        raise UserError("sharing.mode=soft trains one full encoder per task; set peft.kind=none "
+                        "(or use sharing.mode=hard with PEFT)")
+    soft_sharing.PENALTIES.get(config.sharing.soft_penalty)
+    specs = _check_specs(specs)
+    overrides = encoder_overrides(config, len(specs))
+    encoder_config = (_random_encoder_config(config, overrides) if config.model.random_init
+                      else _pretrained_encoder_config(config, overrides))
+    return MultiTaskModel(config, specs, encoder_config)
