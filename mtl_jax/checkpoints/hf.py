@@ -145,12 +145,17 @@ RANDOM_FAMILIES.register("t5_v1_1", dict(family="t5", hidden_size=768, num_layer
                                          feed_forward_proj="gated-gelu", layer_norm_eps=1e-6))
 
 
+_SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "head_dim", "intermediate_size")
+
+
 def random_encoder_config(family: str, vocab_size: int, **sizes) -> EncoderConfig:
     """Config of a randomly initialised encoder; e.g. random_encoder_config("bert", 1000,
     hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64). head_dim defaults to
     hidden_size // num_heads; any other EncoderConfig field may be passed too."""
     fields = dict(RANDOM_FAMILIES.get(family), vocab_size=vocab_size)
-    fields.update({k: v for k, v in sizes.items() if v not in (0, None)})
+    # 0 means "the family default" for the size fields only; other fields (dropout 0.0) are real.
+    fields.update({k: v for k, v in sizes.items()
+                   if v is not None and not (k in _SIZE_FIELDS and v == 0)})
     if not sizes.get("head_dim"):
         fields["head_dim"] = fields["hidden_size"] // fields["num_heads"]
     return EncoderConfig().replace(**fields)

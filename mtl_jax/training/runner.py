@@ -1,0 +1,275 @@
+"""What ``python -m mtl_jax.main`` runs: ``run(mode, config, workdir, task, input_path)``.
+
+Modes (a registry):
+  train    trains, evaluating every ``train.eval_every`` steps; resumes from WORKDIR's latest
+           checkpoint on its own (on any device count: the state is restored onto this run's
+           mesh). SIGTERM/SIGINT save a checkpoint and exit 0; rerun the same command to resume.
+  eval     evaluates the ``eval.checkpoint`` (best | latest) checkpoint on every task's
+           validation split and prints the results table.
+  predict  reads JSONL records in the task's own field names (--input=FILE, or - for stdin)
+           and writes one JSON prediction per line to stdout.
+
+Exit codes: 0 done (or stopped by a signal, after saving), 2 a user mistake (one line on
+stderr), 3 a non-finite loss with ``train.nan_policy=stop`` (the last good checkpoint is kept).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from typing import Callable
+
+import flax
+from absl import logging as absl_logging
+import jax
+import numpy as np
+
+from mtl_jax.checkpoints.manager import CheckpointManager, config_to_json
+from mtl_jax.errors import UserError
+from mtl_jax.registry import Registry
+from mtl_jax.training import distributed
+from mtl_jax.training import sharding as sharding_lib
+
+CONFIG_FILE = "config.json"
+EVAL_CHECKPOINTS = ("best", "latest")
+
+
+# --- device placement of the state and the batches ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How one parallel.mode lays out the TrainState and the batches.
+
+    ``saved``/``restored`` convert between the state the step uses and the one checkpoints hold
+    (pmap keeps a replicated copy per device; checkpoints hold one).
+    """
+
+    shardings: Callable  # (abstract state, run) -> target shardings for a restore
+    batch: Callable  # (host batch, mesh) -> step input
+    saved: Callable = lambda state: state
+    restored: Callable = lambda state: state
+
+
+PLACEMENTS: Registry[Placement] = Registry("parallel.mode")
+PLACEMENTS.register("jit", Placement(
+    shardings=lambda abstract, run: sharding_lib.state_shardings(abstract, run.model, run.config,
+                                                                 run.mesh),
+    batch=sharding_lib.shard_batch))
+PLACEMENTS.register("pmap", Placement(
+    shardings=lambda abstract, run: jax.tree.map(
+        lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract),
+    batch=lambda batch, mesh: batch,  # the pmap step splits the host batch itself
+    saved=flax.jax_utils.unreplicate,
+    restored=flax.jax_utils.replicate))
+
+
+# --- what every mode builds from the config ----------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """The data, model, mesh and steps of one run (built once per process)."""
+
+    config: object
+    data: object  # mtl_jax.data.pipeline.RunData
+    model: object  # MultiTaskModel
+    mesh: jax.sharding.Mesh
+    tokenizer: object
+    _steps: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def placement(self) -> Placement:
+        return PLACEMENTS.get(self.config.parallel.mode)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [s.name for s in self.model.specs]
+
+    def spec(self, task: str):
+        for s in self.model.specs:
+            if s.name == task:
+                return s
+        raise UserError(f"unknown task {task!r}; tasks in this config: {', '.join(self.task_names)}")
+
+    def batch(self, host_batch: dict):
+        return self.placement.batch(host_batch, self.mesh)
+
+    # --- state ---------------------------------------------------------------------------
+    def abstract_state(self):
+        """The TrainState as ShapeDtypeStructs (no weights read, nothing allocated)."""
+        from mtl_jax.training.state import create_train_state
+
+        total = self.config.train.num_steps
+        return jax.eval_shape(lambda p: create_train_state(self.model, p, self.config, total),
+                              self.model.abstract_params())
+
+    def init_state(self):
+        """A fresh TrainState: pretrained encoder (unless model.random_init), new heads."""
+        from mtl_jax.training.state import create_train_state
+
+        params = self.model.init_params(jax.random.key(self.config.seed))
+        return create_train_state(self.model, params, self.config, self.config.train.num_steps,
+                                  mesh=self.mesh)
+
+    def restore(self, ckpt: CheckpointManager, step: int | None = None):
+        """The latest readable checkpoint (or ``step``) onto this run's devices; None if none."""
+        abstract = self.abstract_state()
+        shardings = self.placement.shardings(abstract, self)
+        restored = (ckpt.restore_latest(abstract, shardings=shardings) if step is None
+                    else ckpt.restore(step, abstract, shardings))
+        if restored is None:
+            return None
+        return restored._replace(state=self.placement.restored(restored.state))
+
+    # --- steps (built once) --------------------------------------------------------------
+    def train_step(self):
+        if "train" not in self._steps:
+            from mtl_jax.training.step import build_train_step
+
+            self._steps["train"] = build_train_step(self.model, self.config, self.mesh)
+        return self._steps["train"]
+
+    def eval_step(self):
+        if "eval" not in self._steps:
+            from mtl_jax.training.step import build_eval_step
+
+            self._steps["eval"] = build_eval_step(self.model, self.config, self.mesh)
+        return self._steps["eval"]
+
+    def predict_fn(self, state, task: str):
+        """``batch -> np.ndarray`` of ``task``'s head output (for evaluate_task / predict)."""
+        step = self.eval_step()
+        return lambda batch: np.asarray(step(state, self.batch(batch))[task])
+
+
+def build_run(config, splits=("train", "validation"), log=None) -> Run:
+    from mtl_jax.data.pipeline import build_data
+    from mtl_jax.models import multitask
+
+    tokenizer = multitask.load_tokenizer(config)
+    data = build_data(config, tokenizer, splits, log=log, require_train="train" in splits)
+    model = multitask.build_model(config, data.specs)
+    return Run(config, data, model, sharding_lib.make_mesh(config), tokenizer)
+
+
+# --- workdir ---------------------------------------------------------------------------------
+
+def check_workdir(workdir: str | None, *, must_exist: bool = False) -> str:
+    """The workdir, created and checked writable (a local path), or a UserError naming the fix."""
+    if not workdir:
+        raise UserError("--workdir is required; pass --workdir=DIR (checkpoints, metrics and "
+                        "results go there)")
+    if "://" in workdir:  # gs:// and friends: orbax checks access itself
+        return workdir
+    if must_exist:
+        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise UserError(f"no checkpoints in {workdir}; train first (--mode=train "
+                            f"--workdir={workdir}) or point --workdir at a trained run")
+        return workdir
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"workdir {workdir} is not writable ({e.strerror or type(e).__name__}); "
+                        f"pass a --workdir you can write to") from None
+    return workdir
+
+
+def write_config(workdir: str, config) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config_to_json(config), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def log_line(message: str) -> None:
+    """Progress notes go to stderr: stdout carries the results table (and predict's JSONL)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+# --- modes ---------------------------------------------------------------------------------
+
+MODES: Registry[Callable] = Registry("mode")
+
+
+@MODES.register("train")
+def train_mode(config, workdir, task=None, input_path="-"):
+    del task, input_path
+    from mtl_jax.training import loop
+
+    check_workdir(workdir)
+    run = build_run(config, log=log_line)
+    write_config(workdir, config)
+    return loop.train(run, workdir)
+
+
+def restore_for_eval(run: Run, workdir: str):
+    """The ``eval.checkpoint`` (best | latest) checkpoint; (state, step)."""
+    which = run.config.eval.checkpoint
+    if which not in EVAL_CHECKPOINTS:
+        raise UserError(f"eval.checkpoint={which!r}; use one of {', '.join(EVAL_CHECKPOINTS)}")
+    ckpt = CheckpointManager.from_config(workdir, run.config)
+    try:
+        step = ckpt.best_step() if which == "best" else None
+        restored = run.restore(ckpt, step)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise UserError(f"no checkpoint in {workdir}/checkpoints; train first with --mode=train")
+    return restored.state, restored.step
+
+
+@MODES.register("eval")
+def eval_mode(config, workdir, task=None, input_path="-"):
+    del input_path
+    from mtl_jax.training import evaluate_loop
+
+    check_workdir(workdir, must_exist=True)
+    run = build_run(config, splits=("validation",), log=log_line)
+    tasks = [run.spec(task).name] if task else run.data.eval_tasks()
+    state, step = restore_for_eval(run, workdir)
+    print_summary(run, state)
+    metrics, reports = evaluate_loop.evaluate(run, state, tasks)
+    evaluate_loop.write_eval_results(workdir, step, run.config.eval.checkpoint, metrics, reports)
+    if jax.process_index() == 0:
+        print(evaluate_loop.results_table(metrics, final_step=step), flush=True)
+    return metrics
+
+
+@MODES.register("predict")
+def predict_mode(config, workdir, task=None, input_path="-"):
+    from mtl_jax.training import predict
+
+    if not task:
+        raise UserError("--mode=predict needs --task=NAME (the task whose head to use)")
+    check_workdir(workdir, must_exist=True)
+    run = build_run(config, splits=(), log=log_line)  # label names only, no data read
+    spec = run.spec(task)
+    records = predict.read_inputs(input_path)  # before the restore: a bad input fails fast
+    state, step = restore_for_eval(run, workdir)
+    log_line(f"predict: task {spec.name}, checkpoint step {step}, {len(records)} inputs")
+    log_line(run.model.summary(_host_params(run, state)))
+    for line in predict.predict(run, state, spec.name, records):
+        sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+def _host_params(run: Run, state):
+    return run.placement.saved(state).params
+
+
+def print_summary(run: Run, state) -> None:
+    if jax.process_index() == 0:
+        print(run.model.summary(_host_params(run, state)), flush=True)
+
+
+def run(mode: str, config, workdir: str | None, task: str | None = None,
+        input_path: str = "-"):
+    """Runs ``mode`` (train | eval | predict); see the module docstring."""
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    distributed.maybe_initialize_distributed()
+    return MODES.get(mode)(config, workdir, task=task, input_path=input_path)
+
