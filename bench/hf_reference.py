@@ -9,6 +9,7 @@ same order, the same SST-2 subsample, the same length buckets and the same metri
 numbers compare directly with ``DIR/runs/single_<task>``.
 
   python bench/hf_reference.py --workdir=DIR                       # every task, the full protocol
+                                                   # (rerun: tasks with a full results.json are skipped)
   python bench/hf_reference.py --workdir=DIR --tasks=rte --max_steps=20    # a quick check
 
 Writes ``DIR/reference/<task>/{results.json,results.md,metrics.jsonl}`` (results.json in
@@ -155,6 +156,18 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
     return {task: final[metric]}
 
 
+def finished(out_dir: str) -> bool:
+    """A full protocol run already wrote its results here (rerunning the script resumes the list)."""
+    import json
+
+    try:
+        with open(os.path.join(out_dir, "results.json"), encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return results.get("final_step") == results.get("protocol_steps")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="the comparison's DIR (writes DIR/reference/<task>)")
@@ -166,6 +179,9 @@ def main():
         if task not in protocol.TASKS:
             sys.exit(f"error: unknown task {task!r}; use a comma-separated subset of {','.join(protocol.TASKS)}")
         out = os.path.join(args.workdir, "reference", task)
+        if finished(out) and not (args.max_steps or args.tiny_data):
+            print(task, "results.json exists (a finished protocol run), skipped ->", out)
+            continue
         print(task, train_task(task, out, args.max_steps, args.tiny_data), "->", out)
 
 

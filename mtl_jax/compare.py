@@ -1,14 +1,16 @@
 """Single-task vs multi-task vs PEFT on the same tasks and budget, and the report that compares them.
 
   python -m mtl_jax.compare --config=configs/compare.py[:tiny] --workdir=DIR \
-      [--config.KEY=VALUE ...] [--sweep='optim.lr=3e-5,5e-5' ...] [--report_only]
+      [--config.KEY=VALUE ...] [--sweep='optim.lr=3e-5,5e-5' ...] [--report_only | --publish=DEST]
 
 Each setup is its own run directory ``DIR/runs/<setup>``, trained by ``python -m mtl_jax.main`` in
 a subprocess (isolated, and resumable on its own: the job restarts from its latest checkpoint).
 Running the command again resumes the comparison: a setup whose results.json exists is skipped, a
 half-done one is relaunched (and resumes). Then ``DIR/report.md`` and its PNG plots are written,
 from each run's results.json / metrics.jsonl only (plus ``DIR/reference/<task>/`` from
-bench/hf_reference.py when present).
+bench/hf_reference.py when present). ``--publish=docs/results`` copies the finished runs' small
+files (no checkpoints) into ``docs/results/`` and writes ``docs/results.md`` from them: the report
+in the repo, reproducible from what it commits, and the seed of a comparison resumed elsewhere.
 
 Setups (``compare.setups``): ``single`` (one single-task run per task), ``hard``, ``soft``,
 ``prefix``, ``adapters``, ``lora``; each ``--sweep=KEY=V1,V2`` value adds one setup on top of
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +38,8 @@ RUNS_DIR = "runs"
 REFERENCE_DIR = "reference"
 RUN_FACTS = "compare.json"  # the driver's record of a run: command, launches, wall time
 REPORT = "report.md"
+NOTES = "notes.md"  # DIR/notes.md: hand-written text the report starts with
+PUBLISHED_FILES = ("results.json", "results.md", "metrics.jsonl", "compare.json")
 BAR_PLOT = "metrics_by_setup.png"
 CURVE_PLOT = "validation_curves.png"
 SINGLE_COMBINED = "single-task (all)"
@@ -445,15 +450,24 @@ def table(rows: Sequence[RunSummary], metrics: Mapping[str, str], which: str = "
     return "\n".join(lines)
 
 
-def write_report(workdir: str, metrics: Mapping[str, str], order: Sequence[str] = ()) -> str:
-    """DIR/report.md and its two PNGs, from the run directories; returns the report's path."""
+def write_report(workdir: str, metrics: Mapping[str, str], order: Sequence[str] = (),
+                 report_path: str | None = None) -> str:
+    """The report (default DIR/report.md) and its two PNGs in DIR, from the run directories;
+    ``DIR/notes.md`` (hand-written: protocol, commands, what it shows), when present, comes first.
+    Returns the report's path."""
     os.makedirs(workdir, exist_ok=True)
+    report_path = report_path or os.path.join(workdir, REPORT)
     rows = collect_rows(workdir, metrics, order)
     plot_bars(rows, metrics, os.path.join(workdir, BAR_PLOT))
     plot_curves(rows, metrics, os.path.join(workdir, CURVE_PLOT))
+    link = lambda name: os.path.relpath(os.path.join(workdir, name),  # noqa: E731
+                                        os.path.dirname(os.path.abspath(report_path)))
+    notes = _read_text(os.path.join(workdir, NOTES))
     metric_names = ", ".join(f"{t} {m}" for t, m in metrics.items())
     lines = [
         "# Single-task vs multi-task vs PEFT", "",
+        *([notes.strip(), ""] if notes else []),
+        "## Validation metrics at the end of training", "",
         f"Validation metrics x100 at the end of training ({metric_names}); mean = unweighted mean "
         "over the tasks (only for rows with every task). Trainable parameters: every parameter for "
         "full fine-tuning (soft sharing: one encoder per task), heads + prefix/adapter/LoRA "
@@ -465,16 +479,46 @@ def write_report(workdir: str, metrics: Mapping[str, str], order: Sequence[str] 
         table(rows, metrics, "final"), "",
         "## At the best evaluation (by the run's early-stopping metric)", "",
         table(rows, metrics, "best"), "",
-        f"![metric by setup]({BAR_PLOT})", "", f"![validation curves]({CURVE_PLOT})", "",
+        f"![metric by setup]({link(BAR_PLOT)})", "", f"![validation curves]({link(CURVE_PLOT)})", "",
         "## Setups (config overrides of each run)", "",
     ]
     for r in rows:
         if r.overrides:
             lines.append(f"- `{r.name}`: " + " ".join(f"`{k}={v}`" for k, v in sorted(r.overrides.items())))
-    path = os.path.join(workdir, REPORT)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(report_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    return path
+    return report_path
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def publish(workdir: str, dest: str, metrics: Mapping[str, str], order: Sequence[str] = ()) -> str:
+    """Copies what the report reads of every finished run (results, metrics.jsonl, the driver's
+    record; no checkpoints) from DIR to DEST/runs/<setup> and DEST/reference/<task>, then writes
+    ``DEST.md`` (the report, its plots in DEST) from those copies. The copies are enough to resume
+    a comparison elsewhere: ``cp -r DEST/runs DIR2/`` and the finished setups are skipped."""
+    copied = 0
+    for kind in (RUNS_DIR, REFERENCE_DIR):
+        src_root = os.path.join(workdir, kind)
+        for name in sorted(os.listdir(src_root)) if os.path.isdir(src_root) else []:
+            src = os.path.join(src_root, name)
+            if not os.path.exists(os.path.join(src, "results.json")):
+                continue  # unfinished: its figures are not final
+            os.makedirs(os.path.join(dest, kind, name), exist_ok=True)
+            for file in PUBLISHED_FILES:
+                if os.path.exists(os.path.join(src, file)):
+                    shutil.copyfile(os.path.join(src, file), os.path.join(dest, kind, name, file))
+            copied += 1
+    if not copied and not os.path.isdir(os.path.join(dest, RUNS_DIR)):
+        raise UserError(f"{workdir} has no finished run (no runs/<setup>/results.json); run the "
+                        f"comparison first, then --publish")
+    return write_report(dest, metrics, order, report_path=dest.rstrip("/") + ".md")
 
 
 def _pyplot():
@@ -546,8 +590,13 @@ def main(argv):
             raise UserError("the config has no compare section; use --config=configs/compare.py[:tiny]")
         if not flags.FLAGS.workdir:
             raise UserError("--workdir is not set; pass --workdir=DIR (the comparison's runs and report)")
+        order = [s.name for s in plan(config, flags.FLAGS.sweep)]
+        if flags.FLAGS.publish:
+            path = publish(flags.FLAGS.workdir, flags.FLAGS.publish, protocol_metrics(config), order)
+            print(f"[compare] wrote {path}")
+            return
         if flags.FLAGS.report_only:
-            path = write_report(flags.FLAGS.workdir, protocol_metrics(config))
+            path = write_report(flags.FLAGS.workdir, protocol_metrics(config), order)
             print(f"[compare] wrote {path}")
             return
         # compare.* steers this driver only; the training jobs get every other override.
@@ -572,6 +621,8 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Comparison directory (runs/<setup>, report.md, plots).")
     flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2: one more setup per value (on compare.sweep_base).")
     flags.DEFINE_bool("report_only", False, "Only (re)write report.md and the plots from DIR.")
+    flags.DEFINE_string("publish", None, "DEST: copy the finished runs' results (no checkpoints) from "
+                        "DIR to DEST/ and write the report as DEST.md, e.g. --publish=docs/results.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
     flags.mark_flags_as_required(["config"])
 

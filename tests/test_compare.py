@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -217,3 +218,74 @@ def test_compare_end_to_end_tiny(shared_data, tmp_path):
     assert len(rows) == 4  # final and best tables
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.count("skipped") == 2, proc.stdout
+
+
+def test_publish_copies_finished_runs_and_writes_the_report_beside_them(tmp_path):
+    work = tmp_path / "work"
+    hard = fake_run(work / "runs", "hard", {"sst2": {"accuracy": 0.9}}, facts={"trainable_params": 5e6, "wall_s": 60.0},
+                    events=[{"step": 10, "eval/sst2/accuracy": 0.8}])
+    (hard / "checkpoints").mkdir()
+    (hard / "checkpoints" / "big.bin").write_bytes(b"x" * 100)
+    (work / "runs" / "soft").mkdir()  # unfinished: not published
+    (work / "runs" / "soft" / "metrics.jsonl").write_text("")
+    fake_run(work / "reference", "sst2", {"sst2": {"accuracy": 0.88}}, extra={"wall_s": 30.0})
+    dest = tmp_path / "docs" / "results"
+    dest.mkdir(parents=True)
+    (dest / "notes.md").write_text("Made by `python -m mtl_jax.compare ...`.\n")
+    path = compare.publish(str(work), str(dest), {"sst2": "accuracy"}, ["hard", "soft"])
+    assert path == str(tmp_path / "docs" / "results.md")
+    assert sorted(p.name for p in (dest / "runs").iterdir()) == ["hard"]
+    assert sorted(p.name for p in (dest / "runs" / "hard").iterdir()) == ["compare.json", "metrics.jsonl",
+                                                                          "results.json", "results.md"]
+    assert (dest / "reference" / "sst2" / "results.json").exists()
+    text = pathlib.Path(path).read_text()
+    assert text.index("Made by `python -m mtl_jax.compare") < text.index("| hard | 90.00 |")
+    assert "| HF PyTorch single-task (reference) | 88.00 |" in text
+    assert "![metric by setup](results/metrics_by_setup.png)" in text
+    assert (dest / compare.BAR_PLOT).read_bytes()[:4] == b"\x89PNG"
+    # The published copy alone reproduces the same report.
+    shutil.rmtree(work)
+    assert pathlib.Path(compare.publish(str(tmp_path / "nowhere"), str(dest), {"sst2": "accuracy"},
+                                        ["hard"])).read_text() == text
+    with pytest.raises(UserError, match="no finished run"):
+        compare.publish(str(tmp_path / "nowhere"), str(tmp_path / "empty"), {"sst2": "accuracy"})
+
+
+def _hf_reference():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_reference", REPO / "bench" / "hf_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reference_schedule_is_mtl_jax_linear_schedule():
+    import numpy as np
+
+    from mtl_jax.training import optim
+
+    total, lr = 95, 5e-5
+    torch_factor = _hf_reference().linear_warmup_decay(total, 0.1)
+    ours = optim.SCHEDULES.get("linear")(lr, total, int(0.1 * total))
+    # The torch LambdaLR factor at scheduler step s is applied to update s + 1; optax's count is s.
+    np.testing.assert_allclose([lr * torch_factor(s) for s in range(total + 3)],
+                               [float(ours(s)) for s in range(total + 3)], rtol=1e-6, atol=1e-12)
+
+
+def test_reference_script_trains_writes_results_and_resumes(shared_data, minilm_path, tmp_path):
+    """bench/hf_reference.py on the real MiniLM, 2 steps of RTE and CoNLL-2003 (tiny data caps)."""
+    cmd = [sys.executable, "bench/hf_reference.py", f"--workdir={tmp_path}", "--tasks=rte,conll2003",
+           "--tiny_data", "--max_steps=2"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for task, metric in (("rte", "accuracy"), ("conll2003", "f1")):
+        results = json.loads((tmp_path / "reference" / task / "results.json").read_text())
+        assert results["final_step"] == 2 and 0.0 <= results["final"][task][metric] <= 1.0
+        assert results["trainable_params"] > 22_000_000  # the whole MiniLM + head trains
+    module = _hf_reference()
+    assert not module.finished(str(tmp_path / "reference" / "rte"))  # 2 steps are not the protocol's
+    results = json.loads((tmp_path / "reference" / "rte" / "results.json").read_text())
+    results["final_step"] = results["protocol_steps"]
+    (tmp_path / "reference" / "rte" / "results.json").write_text(json.dumps(results))
+    assert module.finished(str(tmp_path / "reference" / "rte"))

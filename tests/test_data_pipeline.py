@@ -299,6 +299,11 @@ def test_max_train_examples_is_a_deterministic_subset(tmp_path, tokenizer):
     assert len(where) == 12 and where == [e["where"] for e in b.examples]
     lines = [int(w.rsplit(":", 1)[1]) for w in where]
     assert lines == sorted(lines) and lines != list(range(1, 13))
+    # The same examples as Hugging Face's `shuffle(seed=0).select(range(12))` (kept in file order).
+    import datasets
+
+    hf = datasets.Dataset.from_dict({"line": list(range(1, 51))}).shuffle(seed=0).select(range(12))
+    assert lines == sorted(hf["line"])
 
 
 def test_local_task_preset_paths(tmp_path):
@@ -323,3 +328,15 @@ def test_regression_task_and_label_file_order(tmp_path, tokenizer):
     assert data.spec.num_labels == 1 and data.features.arrays["target"].tolist() == [4.5, 1.25]
     metrics, _ = evaluate_task(data, lambda b: b["target"] * 2 + 1, batch_size=4)
     assert metrics["pearson"] == pytest.approx(1.0) and metrics["spearman"] == pytest.approx(1.0)
+
+
+def test_answer_token_span_by_hand():
+    from mtl_jax.data.tokenize import _answer_tokens
+
+    # [CLS] q [SEP] "the"(0,3) "cat"(4,7) "sat"(8,11) [SEP]; question/special tokens carry -1 offsets.
+    offsets = [(-1, -1), (-1, -1), (-1, -1), (0, 3), (4, 7), (8, 11), (-1, -1)]
+    assert _answer_tokens(offsets, 4, 11) == (4, 5)  # "cat sat"
+    assert _answer_tokens(offsets, 5, 6) == (4, 4)  # inside one token
+    assert _answer_tokens(offsets, 8, 20) == (0, 0)  # runs past this window
+    assert _answer_tokens(offsets, 0, 0) == (0, 0)  # no answer (predict inputs)
+    assert _answer_tokens([(-1, -1)] * 3, 0, 3) == (0, 0)  # window without context tokens

@@ -98,3 +98,13 @@ def test_eval_without_checkpoints(setup, tmp_path):
 ], ids=["dataset", "model"])
 def test_hub_unreachable(setup, tmp_path, override, expected):
     assert_error(main(setup, f"--workdir={tmp_path / 'w'}", *override), expected)
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_exit_130(capsys):
+    from mtl_jax.errors import user_errors
+
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        raise KeyboardInterrupt
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted: checkpoints already in the workdir are kept; rerun the same command to resume"]

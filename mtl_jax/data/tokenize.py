@@ -107,9 +107,14 @@ def encode_qa(tokenizer, questions: list[str], contexts: list[str], answers: lis
 
 
 def _answer_tokens(token_offsets: list[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int]:
+    """Token span of the answer characters in this window, or (0, 0) (the [CLS] "no answer" target)
+    when the window does not hold the whole answer or there is no answer (predict inputs)."""
     context = [i for i, (a, _) in enumerate(token_offsets) if a >= 0]
-    if not context or token_offsets[context[0]][0] > start_char or token_offsets[context[-1]][1] < end_char:
+    if (end_char <= start_char or not context or token_offsets[context[0]][0] > start_char
+            or token_offsets[context[-1]][1] < end_char):
         return 0, 0
-    start = next(i for i in context if token_offsets[i][1] > start_char)
-    end = next(i for i in reversed(context) if token_offsets[i][0] < end_char)
+    start = next((i for i in context if token_offsets[i][1] > start_char), None)
+    end = next((i for i in reversed(context) if token_offsets[i][0] < end_char), None)
+    if start is None or end is None or end < start:
+        return 0, 0
     return start, end
