@@ -18,6 +18,7 @@ mtl_jax.training.results' schema, with trainable_params, wall_s and examples_per
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -158,8 +159,6 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
 
 def finished(out_dir: str) -> bool:
     """A full protocol run already wrote its results here (rerunning the script resumes the list)."""
-    import json
-
     try:
         with open(os.path.join(out_dir, "results.json"), encoding="utf-8") as f:
             results = json.load(f)

@@ -467,7 +467,7 @@ def write_report(workdir: str, metrics: Mapping[str, str], order: Sequence[str] 
     lines = [
         "# Single-task vs multi-task vs PEFT", "",
         *([notes.strip(), ""] if notes else []),
-        "## Validation metrics at the end of training", "",
+        "## At the end of training", "",
         f"Validation metrics x100 at the end of training ({metric_names}); mean = unweighted mean "
         "over the tasks (only for rows with every task). Trainable parameters: every parameter for "
         "full fine-tuning (soft sharing: one encoder per task), heads + prefix/adapter/LoRA "

@@ -339,4 +339,5 @@ def test_answer_token_span_by_hand():
     assert _answer_tokens(offsets, 5, 6) == (4, 4)  # inside one token
     assert _answer_tokens(offsets, 8, 20) == (0, 0)  # runs past this window
     assert _answer_tokens(offsets, 0, 0) == (0, 0)  # no answer (predict inputs)
+    assert _answer_tokens(offsets, 3, 4) == (0, 0)  # only the space between "the" and "cat"
     assert _answer_tokens([(-1, -1)] * 3, 0, 3) == (0, 0)  # window without context tokens

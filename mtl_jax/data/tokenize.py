@@ -113,8 +113,7 @@ def _answer_tokens(token_offsets: list[tuple[int, int]], start_char: int, end_ch
     if (end_char <= start_char or not context or token_offsets[context[0]][0] > start_char
             or token_offsets[context[-1]][1] < end_char):
         return 0, 0
-    start = next((i for i in context if token_offsets[i][1] > start_char), None)
-    end = next((i for i in reversed(context) if token_offsets[i][0] < end_char), None)
-    if start is None or end is None or end < start:
-        return 0, 0
-    return start, end
+    # Both exist after the checks above; end < start when the answer is only the gap between tokens.
+    start = next(i for i in context if token_offsets[i][1] > start_char)
+    end = next(i for i in reversed(context) if token_offsets[i][0] < end_char)
+    return (start, end) if end >= start else (0, 0)
