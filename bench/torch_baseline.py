@@ -24,7 +24,8 @@ def _model(shape: dict, num_classes: int, num_tags: int):
     class MultiTaskBert(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.encoder = BertModel(config, add_pooling_layer=False)
+            # With the pooler (unused by both heads), as mtl_jax's BERT keeps it: same parameters.
+            self.encoder = BertModel(config)
             self.cls_head = torch.nn.Linear(config.hidden_size, num_classes)
             self.tag_head = torch.nn.Linear(config.hidden_size, num_tags)
 
@@ -35,6 +36,10 @@ def _model(shape: dict, num_classes: int, num_tags: int):
             return self.tag_head(hidden)
 
     return MultiTaskBert()
+
+
+def param_count(shape: dict, num_classes: int, num_tags: int) -> int:
+    return sum(p.numel() for p in _model(shape, num_classes, num_tags).parameters())
 
 
 def bench_torch(shape: dict, batch: int, seq: int, *, steps: int = 10, warmup: int = 3,

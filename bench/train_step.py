@@ -44,8 +44,12 @@ PRESETS = {
 NUM_CLASSES, NUM_TAGS = 2, 9
 
 
-def jax_setup(shape: dict, dtype: str, attention: str):
-    """(model, state, train_step) of mtl_jax for the benchmark model."""
+def jax_setup(shape: dict, dtype: str, attention: str, model_dir: str = ""):
+    """(model, state, train_step) of mtl_jax for the benchmark model.
+
+    ``model_dir``: a Hugging Face directory whose tokenizer gives the vocabulary (default: the
+    embedded MiniLM); only its vocabulary is used, the encoder is random at ``shape``.
+    """
     import jax
 
     from configs.base import get_base_config
@@ -56,6 +60,7 @@ def jax_setup(shape: dict, dtype: str, attention: str):
 
     c = get_base_config()
     c.model.random_init = True
+    c.model.name_or_path = model_dir or c.model.name_or_path
     c.model.family = "bert"
     c.model.size.update({k: v for k, v in shape.items() if k != "vocab_size"})
     c.model.dtype, c.model.attention_impl, c.model.dropout = dtype, attention, 0.0
@@ -108,7 +113,13 @@ def bench_jax(setup, batch: int, seq: int, vocab: int, steps: int, warmup: int) 
                 loss=float(metrics["train/loss"]), jax_version=jax.__version__), state
 
 
-def measure(preset: str, steps: int, warmup: int) -> list[dict]:
+def param_count(tree) -> int:
+    import jax
+
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def measure(preset: str, steps: int, warmup: int, model_dir: str = "") -> list[dict]:
     import jax
 
     import torch_baseline
@@ -116,12 +127,18 @@ def measure(preset: str, steps: int, warmup: int) -> list[dict]:
 
     shape_name, points, dtype, attention, device, torch_variants = PRESETS[preset]
     shape = SHAPES[shape_name]
-    setup = jax_setup(shape, dtype, attention)
+    setup = jax_setup(shape, dtype, attention, model_dir)
+    params = param_count(setup[1].params)
+    torch_params = torch_baseline.param_count(shape, NUM_CLASSES, NUM_TAGS)
+    if params != torch_params:  # both sides must train the same model
+        raise SystemExit(f"error: mtl_jax model has {params:,} parameters, the PyTorch one "
+                         f"{torch_params:,}; the benchmark would compare different models")
     labels = setup[0].param_labels(setup[1].params)
     n = flops.non_embedding_params(setup[1].params, labels)
     peak = flops.device_peak_flops()
     common = dict(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform, preset=preset,
                   model=shape_name, dtype=dtype, attention=attention, non_embedding_params=n,
+                  params=params,
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   host=platform.node(), cpu_count=os.cpu_count(), steps=steps, warmup=warmup)
     rows = []
@@ -180,6 +197,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--note", default="", help="free text stored with each row (e.g. 'shared CPU')")
+    parser.add_argument("--model_dir", default="", help="HF directory whose tokenizer sets the vocabulary "
+                        "(default: the embedded MiniLM; a lent GPU machine lacks that package)")
     parser.add_argument("--table", action="store_true", help="print the results table and exit")
     parser.add_argument("--update_readme", action="store_true", help="also rewrite bench/README.md's table")
     args = parser.parse_args()
@@ -191,7 +210,7 @@ def main():
         if args.preset == "gpu" and jax.devices()[0].platform != "gpu":
             raise SystemExit("error: --preset=gpu needs a GPU (jax sees only "
                              f"{jax.devices()[0].platform}); use --preset=cpu")
-        rows = measure(args.preset, args.steps, args.warmup)
+        rows = measure(args.preset, args.steps, args.warmup, args.model_dir)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:
             for r in rows:
