@@ -258,3 +258,21 @@ def test_results_json_and_markdown(tmp_path):
         "## sst2", "",
         "| metric | final (step 300) | best (step 200) |", "| --- | ---: | ---: |",
         "| accuracy | 0.9000 | 0.9200 |", "| f1 | 0.8800 | 0.9000 |", ""])
+
+
+def test_log_lines_start_their_own_line_under_a_live_progress_bar(capsys):
+    """An eval/status line printed while the tqdm bar is drawn must not be glued to the bar."""
+    import sys
+
+    import tqdm
+
+    from mtl_jax.training import loop
+
+    bar = tqdm.tqdm(total=10, file=sys.stderr, disable=False, mininterval=0)
+    bar.update(3)
+    loop._say("step 3 eval: sst2/accuracy=0.5000")
+    bar.close()
+    err = capsys.readouterr().err
+    before = err[:err.index("step 3 eval")]
+    assert before.endswith(("\r", "\n")), repr(before[-40:])
+    assert "step 3 eval: sst2/accuracy=0.5000\n" in err

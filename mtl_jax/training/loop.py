@@ -345,8 +345,13 @@ def _progress_bar(t, step):
 
 
 def _say(message: str) -> None:
+    """One line on stderr; through tqdm so that a live progress bar is redrawn below it, not
+    overwritten by it."""
+    import tqdm
+
     if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+        tqdm.tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
 
 
 def _say_summary(run, state) -> None:
