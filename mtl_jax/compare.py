@@ -6,8 +6,9 @@
 Each setup is its own run directory ``DIR/runs/<setup>``, trained by ``python -m mtl_jax.main`` in
 a subprocess (isolated, and resumable on its own: the job restarts from its latest checkpoint).
 Running the command again resumes the comparison: a setup whose results.json exists is skipped, a
-half-done one is relaunched (and resumes). Then ``DIR/report.md`` and its PNG plots are written,
-from each run's results.json / metrics.jsonl only (plus ``DIR/reference/<task>/`` from
+half-done one is relaunched (and resumes); SIGTERM or Ctrl-C stops the driver once the running
+job has saved a checkpoint (its time still counted). Then ``DIR/report.md`` and its PNG plots are
+written, from each run's results.json / metrics.jsonl only (plus ``DIR/reference/<task>/`` from
 bench/hf_reference.py when present). ``--publish=docs/results`` copies the finished runs' small
 files (no checkpoints) into ``docs/results/`` and writes ``docs/results.md`` from them: the report
 in the repo, reproducible from what it commits, and the seed of a comparison resumed elsewhere.
@@ -238,14 +239,43 @@ def trainable_params(config) -> tuple[int, int]:
 Launcher = Callable[[list, str], int]  # (command, log file path) -> exit code
 
 
+class Stopped(Exception):
+    """The driver got SIGTERM or SIGINT while a job ran; the job has saved a checkpoint and exited."""
+
+    def __init__(self, signum: int, returncode: int):
+        super().__init__(f"signal {signum}")
+        self.signum, self.returncode = signum, returncode
+
+
 def subprocess_launcher(command: list, log_path: str) -> int:
-    """Runs one training job, its stdout and stderr appended to ``log_path``."""
+    """Runs one training job, its stdout and stderr appended to ``log_path``.
+
+    SIGTERM to the driver is passed on to the job (which checkpoints and exits); Ctrl-C reaches the
+    job from the terminal already. Either way the driver waits for the job, then raises Stopped.
+    """
     import shlex
+    import signal
 
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        received = []
+
+        def on_signal(signum, frame):
+            received.append(signum)
+            if signum == signal.SIGTERM:
+                job.send_signal(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = job.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    if received:
+        raise Stopped(received[0], code)
+    return code
 
 
 def _read_json(path: str) -> dict | None:
@@ -262,6 +292,12 @@ def _write_json(path: str, record: dict) -> None:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _record_launch(facts_path: str, facts: dict, returncode: int, start: float) -> None:
+    facts.update(launches=facts.get("launches", 0) + 1, returncode=returncode,
+                 wall_s=facts.get("wall_s", 0.0) + time.time() - start)
+    _write_json(facts_path, facts)
 
 
 def _settings(command: Sequence[str]) -> list[str]:
@@ -300,10 +336,16 @@ def run_comparison(config, config_file: str, workdir: str, user: Mapping[str, ob
         log(f"[compare] {setup.name}: {'resuming' if facts.get('launches') else 'starting'} "
             f"(log: {os.path.join(run_dir, 'compare.log')})")
         start = time.time()
-        code = launch(command, os.path.join(run_dir, "compare.log"))
-        facts.update(launches=facts.get("launches", 0) + 1, returncode=code,
-                     wall_s=facts.get("wall_s", 0.0) + time.time() - start)
-        _write_json(facts_path, facts)
+        try:
+            code = launch(command, os.path.join(run_dir, "compare.log"))
+        except Stopped as stop:  # the launch still counts: its wall time is part of the run's
+            _record_launch(facts_path, facts, stop.returncode, start)
+            statuses[setup.name] = f"stopped (signal {stop.signum})"
+            log(f"[compare] {setup.name}: stopped by signal {stop.signum} after "
+                f"{time.time() - start:.0f}s; its job saved a checkpoint; rerun the same command "
+                "to resume")
+            return statuses
+        _record_launch(facts_path, facts, code, start)
         done = code == 0 and os.path.exists(os.path.join(run_dir, "results.json"))
         statuses[setup.name] = "done" if done else f"failed (exit {code})"
         log(f"[compare] {setup.name}: {statuses[setup.name]} in {time.time() - start:.0f}s")
@@ -605,6 +647,8 @@ def main(argv):
         config_file = config_flags.get_config_filename(config_flag)  # "path.py:arg" -> "path.py"
         config_file = config_file.split(".py:", 1)[0] + ".py" if ".py:" in config_file else config_file
         statuses = run_comparison(config, config_file, flags.FLAGS.workdir, user, flags.FLAGS.sweep)
+        if any(s.startswith("stopped") for s in statuses.values()):
+            return  # like a training job stopped by a signal: exit 0, the log line says how to resume
         print(f"[compare] wrote {os.path.join(os.path.abspath(flags.FLAGS.workdir), REPORT)}")
         failed = [n for n, s in statuses.items() if s.startswith("failed")]
         if failed:

@@ -3,8 +3,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -143,6 +146,43 @@ def test_resume_skips_finished_setups_and_relaunches_half_done_ones(tiny, tmp_pa
     with pytest.raises(UserError, match="was started with other settings"):
         compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), {"optim.lr": 1e-4},
                                launch=fake, count_params=count, log=lambda s: None)
+
+
+def test_sigterm_to_the_driver_reaches_the_job_and_stops_the_driver(tmp_path):
+    """The real launcher: the job gets the SIGTERM (and "checkpoints"), the driver raises Stopped."""
+    job = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGTERM, lambda *a: (print('checkpoint saved', flush=True), sys.exit(0)))\n"
+           "print('training', flush=True)\n"
+           "time.sleep(60)\n")
+    log = tmp_path / "compare.log"
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(compare.Stopped) as stopped:
+            compare.subprocess_launcher([sys.executable, "-c", job], str(log))
+    finally:
+        timer.cancel()
+    assert (stopped.value.signum, stopped.value.returncode) == (signal.SIGTERM, 0)
+    assert log.read_text().splitlines()[-2:] == ["training", "checkpoint saved"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the driver's handler is undone
+
+
+def test_a_stopped_launch_is_recorded_and_ends_the_comparison(tiny, tmp_path):
+    def stopped_after_a_while(command, log_path):
+        time.sleep(0.05)
+        raise compare.Stopped(15, 0)
+
+    with tiny.unlocked():
+        tiny.compare.setups = "hard,lora"
+    lines = []
+    statuses = compare.run_comparison(tiny, "configs/compare.py", str(tmp_path),
+                                      launch=stopped_after_a_while, count_params=lambda c: (7, 70),
+                                      log=lines.append)
+    assert statuses == {"hard": "stopped (signal 15)"}  # lora not started
+    facts = json.loads((tmp_path / "runs" / "hard" / "compare.json").read_text())
+    assert facts["launches"] == 1 and facts["returncode"] == 0 and facts["wall_s"] >= 0.05
+    assert "hard: stopped by signal 15" in lines[-1] and "rerun the same command" in lines[-1]
+    assert not (tmp_path / "report.md").exists()
 
 
 # --- the report from hand-made run directories --------------------------------------------------
