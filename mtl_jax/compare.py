@@ -43,6 +43,7 @@ NOTES = "notes.md"  # DIR/notes.md: hand-written text the report starts with
 PUBLISHED_FILES = ("results.json", "results.md", "metrics.jsonl", "compare.json")
 BAR_PLOT = "metrics_by_setup.png"
 CURVE_PLOT = "validation_curves.png"
+PROGRESS_PLOT = "validation_curves_by_progress.png"
 SINGLE_COMBINED = "single-task (all)"
 REFERENCE_ROW = "HF PyTorch single-task (reference)"
 
@@ -366,6 +367,9 @@ class RunSummary:
     wall_s: float | None = None
     examples_s: float | None = None
     curves: dict = dataclasses.field(default_factory=dict)  # task -> [(step, value)]
+    # task -> [(step / final step, value)]: every setup sees the same epochs of each task's data by
+    # its last step, so this axis lines runs of different lengths up at equal data seen.
+    progress: dict = dataclasses.field(default_factory=dict)
     overrides: dict = dataclasses.field(default_factory=dict)
 
 
@@ -402,6 +406,9 @@ def load_run(run_dir: str, name: str, metrics: Mapping[str, str]) -> RunSummary 
                    if f"eval/{task}/{metric}" in e}
         if by_step:
             curves[task] = sorted(by_step.items())
+    final_step = results.get("final_step")
+    progress = ({t: [(step / final_step, v) for step, v in points] for t, points in curves.items()}
+                if final_step else {})
     examples_s = results.get("examples_per_s")
     if examples_s is None:
         examples_s = _median([e.get("train/examples_per_s") for e in events])
@@ -409,7 +416,7 @@ def load_run(run_dir: str, name: str, metrics: Mapping[str, str]) -> RunSummary 
         name=name, final=pick(results.get("final", {})), best=pick(results.get("best", {})),
         trainable_params=results.get("trainable_params", facts.get("trainable_params")),
         wall_s=facts.get("wall_s", results.get("wall_s")), examples_s=examples_s, curves=curves,
-        overrides=facts.get("overrides", {}))
+        progress=progress, overrides=facts.get("overrides", {}))
 
 
 def combine(name: str, runs: Sequence[RunSummary]) -> RunSummary:
@@ -420,6 +427,7 @@ def combine(name: str, runs: Sequence[RunSummary]) -> RunSummary:
         out.final.update(r.final)
         out.best.update(r.best)
         out.curves.update(r.curves)
+        out.progress.update(r.progress)
     if runs and all(r.trainable_params is not None for r in runs):
         out.trainable_params = sum(r.trainable_params for r in runs)
     if runs and all(r.wall_s is not None for r in runs):
@@ -502,6 +510,7 @@ def write_report(workdir: str, metrics: Mapping[str, str], order: Sequence[str] 
     rows = collect_rows(workdir, metrics, order)
     plot_bars(rows, metrics, os.path.join(workdir, BAR_PLOT))
     plot_curves(rows, metrics, os.path.join(workdir, CURVE_PLOT))
+    plot_curves(rows, metrics, os.path.join(workdir, PROGRESS_PLOT), by_progress=True)
     link = lambda name: os.path.relpath(os.path.join(workdir, name),  # noqa: E731
                                         os.path.dirname(os.path.abspath(report_path)))
     notes = _read_text(os.path.join(workdir, NOTES))
@@ -522,6 +531,10 @@ def write_report(workdir: str, metrics: Mapping[str, str], order: Sequence[str] 
         "## At the best evaluation (by the run's early-stopping metric)", "",
         table(rows, metrics, "best"), "",
         f"![metric by setup]({link(BAR_PLOT)})", "", f"![validation curves]({link(CURVE_PLOT)})", "",
+        "The same curves against the share of each run's training steps: every setup has seen the "
+        "same epochs of each task's data at the same point of this axis (multi-task runs: in "
+        "expectation under proportional sampling).", "",
+        f"![validation curves by progress]({link(PROGRESS_PLOT)})", "",
         "## Setups (config overrides of each run)", "",
     ]
     for r in rows:
@@ -590,18 +603,25 @@ def plot_bars(rows: Sequence[RunSummary], metrics: Mapping[str, str], path: str)
     plt.close(fig)
 
 
-def plot_curves(rows: Sequence[RunSummary], metrics: Mapping[str, str], path: str) -> None:
-    """One panel per task: the validation metric over training steps, a line per run."""
+def plot_curves(rows: Sequence[RunSummary], metrics: Mapping[str, str], path: str,
+                by_progress: bool = False) -> None:
+    """One panel per task: the validation metric over training steps (or over the share of the
+    run's steps, ``by_progress``), a line per run."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
+    colors = {r.name: f"C{i % 10}" for i, r in enumerate(rows)}  # the bar plot's colours
     for ax, (task, metric) in zip(axes[0], metrics.items()):
-        for i, r in enumerate(rows):
-            if r.name == SINGLE_COMBINED or task not in r.curves:
+        for r in rows:
+            points = (r.progress if by_progress else r.curves).get(task)
+            if r.name == SINGLE_COMBINED or not points:
                 continue  # the combined row repeats its single-task runs' curves
-            steps, values = zip(*r.curves[task])
-            ax.plot(steps, [100 * v for v in values], marker="o", ms=3, label=r.name, color=f"C{i % 10}")
+            # A panel holds one single-task run: drawn as the combined row, one legend entry.
+            single = r.name.startswith("single_") and SINGLE_COMBINED in colors
+            label = SINGLE_COMBINED if single else r.name
+            steps, values = zip(*points)
+            ax.plot(steps, [100 * v for v in values], marker="o", ms=3, label=label, color=colors[label])
         ax.set_title(f"{task} {metric}", fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_xlabel("share of the run's training steps" if by_progress else "step")
     axes[0][0].set_ylabel("validation metric x100")
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[0][1:]:

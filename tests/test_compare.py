@@ -234,7 +234,10 @@ def test_report_table_rows_mean_and_plots(tmp_path):
     assert "| hard | 92.00 | 44.00 | 64.00 | 80.00 | 70.00 | 22.7M | 10.0 min | 200.0 |" in text  # best table
     rows = {r.name: r for r in compare.collect_rows(str(tmp_path), METRICS)}
     assert rows["hard"].curves == {"sst2": [(30, 0.8), (60, 0.9)], "rte": [(60, 0.6)]}
-    for png in (compare.BAR_PLOT, compare.CURVE_PLOT):
+    # final_step 100 (fake_run): step 30 is 30 % of the run.
+    assert rows["hard"].progress == {"sst2": [(0.3, 0.8), (0.6, 0.9)], "rte": [(0.6, 0.6)]}
+    assert "![validation curves by progress](validation_curves_by_progress.png)" in text
+    for png in (compare.BAR_PLOT, compare.CURVE_PLOT, compare.PROGRESS_PLOT):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
