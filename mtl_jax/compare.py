@@ -591,10 +591,13 @@ def plot_bars(rows: Sequence[RunSummary], metrics: Mapping[str, str], path: str)
     panels = [(f"{t} {m}", lambda r, t=t: r.final.get(t)) for t, m in metrics.items()]
     panels.append(("mean", lambda r: mean_metric(r.final, list(metrics))))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4), squeeze=False)
+    colors = {r.name: f"C{i % 10}" for i, r in enumerate(rows)}  # the curve plots' colours
+    if SINGLE_COMBINED in colors:  # its bars already show each single-task run's task
+        rows = [r for r in rows if not r.name.startswith("single_")]
     names = [r.name for r in rows]
     for ax, (title, value) in zip(axes[0], panels):
         heights = [100 * v if (v := value(r)) is not None else 0.0 for r in rows]
-        ax.bar(range(len(rows)), heights, color=[f"C{i % 10}" for i in range(len(rows))])
+        ax.bar(range(len(rows)), heights, color=[colors[n] for n in names])
         ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
     axes[0][0].set_ylabel("validation metric x100")
