@@ -606,23 +606,31 @@ def plot_bars(rows: Sequence[RunSummary], metrics: Mapping[str, str], path: str)
     plt.close(fig)
 
 
+def curve_series(rows: Sequence[RunSummary], task: str, by_progress: bool = False) -> list[tuple]:
+    """(label, colour, points) of each line in ``task``'s panel. A panel holds one single-task
+    run: it is drawn as the combined row (its label and colour), which has no line of its own."""
+    colors = {r.name: f"C{i % 10}" for i, r in enumerate(rows)}  # the bar plot's colours
+    series = []
+    for r in rows:
+        points = (r.progress if by_progress else r.curves).get(task)
+        if r.name == SINGLE_COMBINED or not points:
+            continue
+        single = r.name.startswith("single_") and SINGLE_COMBINED in colors
+        label = SINGLE_COMBINED if single else r.name
+        series.append((label, colors[label], points))
+    return series
+
+
 def plot_curves(rows: Sequence[RunSummary], metrics: Mapping[str, str], path: str,
                 by_progress: bool = False) -> None:
     """One panel per task: the validation metric over training steps (or over the share of the
     run's steps, ``by_progress``), a line per run."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
-    colors = {r.name: f"C{i % 10}" for i, r in enumerate(rows)}  # the bar plot's colours
     for ax, (task, metric) in zip(axes[0], metrics.items()):
-        for r in rows:
-            points = (r.progress if by_progress else r.curves).get(task)
-            if r.name == SINGLE_COMBINED or not points:
-                continue  # the combined row repeats its single-task runs' curves
-            # A panel holds one single-task run: drawn as the combined row, one legend entry.
-            single = r.name.startswith("single_") and SINGLE_COMBINED in colors
-            label = SINGLE_COMBINED if single else r.name
+        for label, color, points in curve_series(rows, task, by_progress):
             steps, values = zip(*points)
-            ax.plot(steps, [100 * v for v in values], marker="o", ms=3, label=label, color=colors[label])
+            ax.plot(steps, [100 * v for v in values], marker="o", ms=3, label=label, color=color)
         ax.set_title(f"{task} {metric}", fontsize=9)
         ax.set_xlabel("share of the run's training steps" if by_progress else "step")
     axes[0][0].set_ylabel("validation metric x100")

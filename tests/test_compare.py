@@ -237,6 +237,13 @@ def test_report_table_rows_mean_and_plots(tmp_path):
     # final_step 100 (fake_run): step 30 is 30 % of the run.
     assert rows["hard"].progress == {"sst2": [(0.3, 0.8), (0.6, 0.9)], "rte": [(0.6, 0.6)]}
     assert "![validation curves by progress](validation_curves_by_progress.png)" in text
+    # Order: single_sst2 C0, single_cola C1, single-task (all) C2, hard C3, lora C4, reference C5.
+    ordered = compare.collect_rows(str(tmp_path), METRICS, ["single_sst2", "single_cola", "hard", "lora"])
+    fake_run(runs, "single_cola", {"cola": {"matthews_corrcoef": 0.5}}, facts={}, events=[
+        {"step": 20, "eval/cola/matthews_corrcoef": 0.3}])
+    ordered[1] = compare.load_run(str(runs / "single_cola"), "single_cola", METRICS)
+    assert compare.curve_series(ordered, "cola", by_progress=True) == [("single-task (all)", "C2", [(0.2, 0.3)])]
+    assert compare.curve_series(ordered, "sst2") == [("hard", "C3", [(30, 0.8), (60, 0.9)])]
     for png in (compare.BAR_PLOT, compare.CURVE_PLOT, compare.PROGRESS_PLOT):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
