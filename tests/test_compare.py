@@ -185,6 +185,17 @@ def test_a_stopped_launch_is_recorded_and_ends_the_comparison(tiny, tmp_path):
     assert not (tmp_path / "report.md").exists()
 
 
+def test_a_job_that_exits_75_stops_the_comparison_resumably(tiny, tmp_path):
+    with tiny.unlocked():
+        tiny.compare.setups = "hard,lora"
+    lines = []
+    statuses = compare.run_comparison(tiny, "configs/compare.py", str(tmp_path),
+                                      launch=lambda command, log_path: 75,
+                                      count_params=lambda c: (7, 70), log=lines.append)
+    assert statuses == {"hard": "stopped (exit 75)"}  # not "failed"; lora not started
+    assert "rerun the same command to resume" in lines[-1]
+
+
 # --- the report from hand-made run directories --------------------------------------------------
 
 def fake_run(root, name, final, best=None, facts=None, events=(), extra=None):

@@ -106,6 +106,7 @@ def test_slurm_submit_stage_calls_sbatch_with_the_layout(fakes, tmp_path):
     [(name, args)] = calls(log)
     assert name == "sbatch"
     assert {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu"} <= set(args)
+    assert {"--requeue", "--open-mode=append"} <= set(args)  # exit 75 requeues, logs kept
     assert args[-4:] == [str(REPO / "launch" / "gpu_slurm.sh"), "configs/base.py", str(workdir),
                          "--config.train.num_steps=10"]
     assert workdir.is_dir()
@@ -144,3 +145,113 @@ def test_slurm_task_stage_exports_coordinates_and_runs_main(fakes, tmp_path, pro
     assert args == ["-m", "mtl_jax.main", "--config=configs/base.py", "--workdir=/shared/run",
                     "--config.seed=1"]
     assert log.read_text().rstrip().endswith(f"ENV gpu-node-07:23456 8 7 {expected_cuda}")
+
+
+# --- exit 75 (stopped after a checkpoint): requeue / rerun -------------------------------------
+
+# Pops the next exit code from the space-separated list in $FAKE_CODES and exits with it.
+POP_CODE = ('read -r -a codes < "$FAKE_CODES"\n'
+            'echo "${codes[*]:1}" > "$FAKE_CODES"\n'
+            'exit "${codes[0]}"\n')
+
+
+def exit_codes(tmp_path, env, codes):
+    """The exit codes the next calls of a POP_CODE fake return, in order."""
+    path = tmp_path / "codes"
+    path.write_text(" ".join(str(c) for c in codes) + "\n")
+    env["FAKE_CODES"] = str(path)
+
+
+def run_slurm_batch(fakes, tmp_path, srun_code, **env_vars):
+    bin_dir, env, log = fakes
+    fake_bin(bin_dir, "scontrol", '[[ "$1" == show ]] && echo gpu-node-07\nexit 0\n')
+    fake_bin(bin_dir, "srun", POP_CODE)
+    exit_codes(tmp_path, env, [srun_code])
+    env = {**env, "_MTL_JAX_STAGE": "batch", "SLURM_JOB_NODELIST": "gpu-node-07",
+           "SLURM_JOB_ID": "4242", **env_vars}
+    env = {k: v for k, v in env.items() if v is not None}  # None: unset
+    proc = subprocess.run(["bash", "launch/gpu_slurm.sh", "configs/bert_multitask.py",
+                           "/shared/run"], cwd=REPO, env=env, capture_output=True, text=True)
+    requeues = [args for name, args in calls(log) if name == "scontrol" and args[0] == "requeue"]
+    log.unlink()
+    return proc, requeues
+
+
+def test_slurm_task_reports_75_by_marker_so_srun_kills_no_other_task(fakes, tmp_path):
+    bin_dir, env, log = fakes
+    fake_bin(bin_dir, "fakepython", "exit 75\n")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    env.update(_MTL_JAX_STAGE="task", JAX_COORDINATOR_ADDRESS="gpu-node-07:23456",
+               SLURM_NTASKS="8", SLURM_PROCID="7", SLURM_LOCALID="3", PYTHON="fakepython",
+               SLURM_JOB_ID="4242")
+    proc = subprocess.run(["bash", "launch/gpu_slurm.sh", "configs/bert_multitask.py",
+                           str(workdir)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr  # not a "bad exit" for srun
+    assert (workdir / ".mtl_jax_stopped.4242").exists()
+
+
+def test_slurm_batch_requeues_when_a_task_left_the_marker(fakes, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    bin_dir, env, log = fakes
+    # srun's tasks: one stopped after the checkpoint (the marker), srun itself exits 0.
+    fake_bin(bin_dir, "srun", f'touch {workdir}/.mtl_jax_stopped.4242\nexit 0\n')
+    fake_bin(bin_dir, "scontrol", '[[ "$1" == show ]] && echo gpu-node-07\nexit 0\n')
+    env = {**env, "_MTL_JAX_STAGE": "batch", "SLURM_JOB_NODELIST": "gpu-node-07",
+           "SLURM_JOB_ID": "4242"}
+    proc = subprocess.run(["bash", "launch/gpu_slurm.sh", "configs/bert_multitask.py",
+                           str(workdir)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 75, proc.stderr
+    requeues = [args for name, args in calls(log) if name == "scontrol" and args[0] == "requeue"]
+    assert requeues == [["requeue", "4242"]]
+    assert not (workdir / ".mtl_jax_stopped.4242").exists()  # consumed
+
+
+@pytest.mark.parametrize("code", [0, 2, 3, 75])
+def test_slurm_requeues_only_on_75_and_passes_the_code_through(fakes, tmp_path, code):
+    proc, requeues = run_slurm_batch(fakes, tmp_path, code)
+    assert proc.returncode == code, proc.stderr
+    assert requeues == ([["requeue", "4242"]] if code == 75 else [])
+
+
+def test_slurm_75_then_0_requeues_once_and_the_requeued_job_finishes(fakes, tmp_path):
+    # A requeued job runs the batch stage again with SLURM_RESTART_COUNT + 1.
+    first, requeues = run_slurm_batch(fakes, tmp_path, 75)
+    assert (first.returncode, requeues) == (75, [["requeue", "4242"]])
+    assert "requeueing job 4242 (restart 1 of at most 100)" in first.stderr
+    second, requeues = run_slurm_batch(fakes, tmp_path, 0, SLURM_RESTART_COUNT="1")
+    assert (second.returncode, requeues) == (0, [])
+
+
+def test_slurm_stops_requeueing_after_max_restarts_and_inside_salloc(fakes, tmp_path):
+    proc, requeues = run_slurm_batch(fakes, tmp_path, 75, SLURM_RESTART_COUNT="3", MAX_RESTARTS="3")
+    assert (proc.returncode, requeues) == (75, [])
+    assert "MAX_RESTARTS=3 requeues done" in proc.stderr
+    # salloc: no _MTL_JAX_STAGE, the stage comes from SLURM_JOB_ID; an allocation is not requeued.
+    proc, requeues = run_slurm_batch(fakes, tmp_path, 75, _MTL_JAX_STAGE=None)
+    assert (proc.returncode, requeues) == (75, [])
+    assert "run the same command again to resume" in proc.stderr
+
+
+@pytest.mark.parametrize("codes, max_restarts, runs, final", [
+    ([75, 75, 0], "100", 3, 0),  # reruns while 75, then finishes
+    ([75, 2], "100", 2, 2),  # any other code ends the loop and is the script's code
+    ([3], "100", 1, 3),
+    ([75, 75, 75, 0], "2", 3, 75),  # 1 run + MAX_RESTARTS reruns
+])
+def test_tpu_vm_reruns_while_the_run_exits_75(fakes, tmp_path, codes, max_restarts, runs, final):
+    bin_dir, env, log = fakes
+    fake_bin(bin_dir, "gcloud", '[[ "$4" == ssh ]] || exit 0\n' + POP_CODE)
+    exit_codes(tmp_path, env, codes)
+    env.update(TPU_NAME="mtl", ZONE="us-central2-b", SKIP_INSTALL="1", RESTART_SLEEP="0",
+               MAX_RESTARTS=max_restarts)
+    proc = subprocess.run(["bash", "launch/tpu_vm.sh", "configs/bert_multitask.py", "gs://b/run",
+                           "--config.seed=1"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == final, proc.stderr
+    ssh = [args for _, args in calls(log) if args[3] == "ssh"]
+    assert len(ssh) == runs
+    assert all(a == ssh[0] for a in ssh)  # the same command every time
+    assert ("--command=cd mtl_jax && python3 -m mtl_jax.main --config=configs/bert_multitask.py "
+            "--workdir=gs://b/run --config.seed=1") in ssh[0]
+    assert proc.stderr.count("stopped after a checkpoint (exit 75): restart") == runs - 1

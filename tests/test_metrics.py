@@ -5,6 +5,7 @@ import scipy.stats
 import seqeval.metrics
 import sklearn.metrics
 
+from mtl_jax.errors import UserError
 from mtl_jax.evaluation import metrics, namespaced
 from mtl_jax.evaluation.squad import normalize_answer, squad_scores
 
@@ -34,6 +35,46 @@ def test_degenerate_classification_cases_match_sklearn():
     # A label present only in the predictions counts in the macro average (as sklearn).
     assert metrics.f1_macro(np.array([0, 2, 1]), np.array([0, 1, 1]))["f1_macro"] == pytest.approx(
         sklearn.metrics.f1_score([0, 1, 1], [0, 2, 1], average="macro", zero_division=0))
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 6])
+def test_f1_micro_and_macro_match_sklearn(num_classes):
+    for trial in range(5):
+        references = RNG.integers(0, num_classes, size=200)
+        noise = RNG.integers(0, num_classes, size=200)
+        predictions = np.where(RNG.random(200) < 0.5, references, noise)
+        got = metrics.compute_metrics(("f1_micro", "f1_macro"), predictions, references)
+        for average in ("micro", "macro"):
+            assert got[f"f1_{average}"] == pytest.approx(
+                sklearn.metrics.f1_score(references, predictions, average=average))
+        if num_classes == 2:
+            assert metrics.f1_binary(predictions, references)["f1"] == pytest.approx(
+                sklearn.metrics.f1_score(references, predictions, average="binary"))
+
+
+def test_f1_variants_hand_computed_on_three_classes():
+    references, predictions = np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2])
+    # Label 1 alone: tp 1, fp 1, fn 0 -> 2/3. Micro: 3 right of 4 -> 3/4.
+    # Macro: class 0 -> 1, class 1 -> 2/3, class 2 (tp 1, fn 1) -> 2/3; mean 7/9.
+    assert metrics.f1_binary(predictions, references)["f1"] == pytest.approx(2 / 3)
+    assert metrics.f1_micro(predictions, references)["f1_micro"] == pytest.approx(3 / 4)
+    assert metrics.f1_macro(predictions, references)["f1_macro"] == pytest.approx(7 / 9)
+    # A label only in the predictions and an empty input, as sklearn.
+    assert metrics.f1_micro(np.array([0, 2, 1]), np.array([0, 1, 1]))["f1_micro"] == pytest.approx(
+        sklearn.metrics.f1_score([0, 1, 1], [0, 2, 1], average="micro"))
+    assert metrics.f1_micro(np.array([], int), np.array([], int))["f1_micro"] == 0.0
+
+
+def test_binary_f1_on_more_than_two_classes_is_a_user_error():
+    with pytest.raises(UserError) as e:
+        metrics.check_metric_for_labels("trec", "f1", 6)
+    assert str(e.value) == ("tasks.trec.metrics: 'f1' is binary F1 (of label 1) but the task has 6 "
+                            "classes; use 'f1_macro' or 'f1_micro'")
+    with pytest.raises(UserError, match="has 3 classes"):
+        metrics.check_metric_for_labels("mnli", "f1", 3)
+    for metric, num_labels in (("f1", 2), ("f1_macro", 6), ("f1_micro", 6), ("accuracy", 6)):
+        metrics.check_metric_for_labels("trec", metric, num_labels)  # no error
+    assert set(metrics.CLASS_LIMITS) <= set(metrics.METRICS.names())
 
 
 def test_correlations_match_scipy():
@@ -86,6 +127,6 @@ def test_squad_normalization_and_scores_hand_computed():
 
 
 def test_metric_registry_and_namespacing():
-    assert {"accuracy", "f1", "f1_macro", "matthews_corrcoef", "pearson", "spearman", "seqeval",
+    assert {"accuracy", "f1", "f1_macro", "f1_micro", "matthews_corrcoef", "pearson", "spearman", "seqeval",
             "squad"} <= set(metrics.METRICS.names())
     assert namespaced({"accuracy": 0.5}, "rte") == {"eval/rte/accuracy": 0.5}

@@ -6,6 +6,7 @@ error message about that row names.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import pathlib
 from typing import Callable, Iterator
@@ -20,27 +21,47 @@ _SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", "
              ".conll": "conll", ".iob": "conll", ".bio": "conll"}
 
 
+def read_text(path: pathlib.Path) -> str:
+    """The file as UTF-8 text; bytes that are not UTF-8 are one line naming the file, the line
+    and the byte offset (a raw UnicodeDecodeError names neither)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); check its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: bytes that are not UTF-8 at byte offset {e.start} "
+                        f"({data[e.start:e.end]!r}); re-encode the file as UTF-8 (e.g. iconv -f "
+                        f"latin1 -t utf-8)") from None
+
+
+def text_lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file."""
+    return enumerate(io.StringIO(read_text(path), newline=None), 1)
+
+
 @FORMATS.register("jsonl")
 def _read_jsonl(path: pathlib.Path, definition) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix the line") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}")
-            rows.append((f"{path}:{line_no}", record))
+    for line_no, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix the line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}")
+        rows.append((f"{path}:{line_no}", record))
     return rows
 
 
 @FORMATS.register("json")
 def _read_json(path: pathlib.Path, definition) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -64,11 +85,11 @@ def _flatten_squad(articles: list[dict]) -> Iterator[dict]:
 
 
 def _read_delimited(path: pathlib.Path, delimiter: str) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as f:
-        # TSV (GLUE style) has bare quotes inside sentences; CSV uses standard quoting.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
-        return [(f"{path}:{reader.line_num}", dict(r)) for r in reader]
+    f = io.StringIO(read_text(path), newline="")
+    # TSV (GLUE style) has bare quotes inside sentences; CSV uses standard quoting.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+    return [(f"{path}:{reader.line_num}", dict(r)) for r in reader]
 
 
 FORMATS.register("csv", lambda path, definition: _read_delimited(path, ","))
@@ -80,22 +101,21 @@ def _read_conll(path: pathlib.Path, definition) -> list[Row]:
     """Column text: token first, tag last, blank line between sentences, -DOCSTART- skipped."""
     tokens_field = definition.text_fields[0] if definition.text_fields else "tokens"
     rows, tokens, tags, start = [], [], [], 0
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            parts = line.split()
-            if parts and parts[0] == "-DOCSTART-":
-                continue
-            if not parts:
-                if tokens:
-                    rows.append((f"{path}:{start}", {tokens_field: tokens, definition.label_field: tags}))
-                tokens, tags = [], []
-                continue
-            if len(parts) < 2:
-                raise UserError(f"{path}:{line_no}: a CoNLL line needs a token and a tag column, got {line.strip()!r}")
-            if not tokens:
-                start = line_no
-            tokens.append(parts[0])
-            tags.append(parts[-1])
+    for line_no, line in text_lines(path):
+        parts = line.split()
+        if parts and parts[0] == "-DOCSTART-":
+            continue
+        if not parts:
+            if tokens:
+                rows.append((f"{path}:{start}", {tokens_field: tokens, definition.label_field: tags}))
+            tokens, tags = [], []
+            continue
+        if len(parts) < 2:
+            raise UserError(f"{path}:{line_no}: a CoNLL line needs a token and a tag column, got {line.strip()!r}")
+        if not tokens:
+            start = line_no
+        tokens.append(parts[0])
+        tags.append(parts[-1])
     if tokens:
         rows.append((f"{path}:{start}", {tokens_field: tokens, definition.label_field: tags}))
     return rows
@@ -114,6 +134,9 @@ def file_format(path: pathlib.Path, definition) -> str:
 
 def local_path(task: str, split: str, definition) -> pathlib.Path:
     path = resolve_path(definition.data[split])
+    if path.is_dir():
+        raise UserError(f"tasks.{task}.data.{split}: {definition.data[split]!r} is a directory; "
+                        f"name a file in it (e.g. {definition.data[split].rstrip('/')}/{split}.jsonl)")
     if not path.is_file():
         raise UserError(f"tasks.{task}.data.{split}: file {definition.data[split]!r} not found "
                         f"(looked in the current directory and the repo root); fix the path")

@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from mtl_jax.errors import UserError
 from mtl_jax.evaluation.squad import squad_scores
 from mtl_jax.registry import Registry
 
@@ -44,6 +45,29 @@ def f1_macro(predictions, references):
     matrix, _ = _confusion(np.asarray(predictions), np.asarray(references))
     tp = np.diag(matrix)
     return dict(f1_macro=float(np.mean(_f1(tp, matrix.sum(0) - tp, matrix.sum(1) - tp))))
+
+
+@METRICS.register("f1_micro")
+def f1_micro(predictions, references):
+    """F1 of the pooled per-class counts (equals accuracy for single-label classification)."""
+    matrix, _ = _confusion(np.asarray(predictions), np.asarray(references))
+    tp = np.trace(matrix)
+    wrong = matrix.sum() - tp  # an error: a false positive of one class, false negative of another
+    return dict(f1_micro=float(_f1(tp, wrong, wrong)))
+
+
+# Metrics defined only up to a number of classes: name -> (max classes, what it is, the fix).
+CLASS_LIMITS = {"f1": (2, "binary F1 (of label 1)", "use 'f1_macro' or 'f1_micro'")}
+
+
+def check_metric_for_labels(task_name: str, metric: str, num_labels: int) -> None:
+    """Raises UserError when ``metric`` is meaningless for a task with ``num_labels`` classes
+    (``f1`` on 3+ classes would silently score label 1 alone)."""
+    limit = CLASS_LIMITS.get(metric)
+    if limit is not None and num_labels > limit[0]:
+        _, what, fix = limit
+        raise UserError(f"tasks.{task_name}.metrics: {metric!r} is {what} but the task has "
+                        f"{num_labels} classes; {fix}")
 
 
 @METRICS.register("matthews_corrcoef")

@@ -32,6 +32,7 @@ from mtl_jax.models import summary as summary_lib
 from mtl_jax.models.encoder_config import EncoderConfig
 from mtl_jax.registry import Registry
 from mtl_jax.tasks.spec import TaskSpec
+from mtl_jax.training import optim as optim_lib
 
 # peft.kind -> EncoderConfig overrides (in-encoder PEFT; prefixes are handled by the model).
 PEFT_KINDS: Registry[Callable] = Registry("peft kind")
@@ -223,10 +224,12 @@ class MultiTaskModel:
         return summary_lib.param_labels(params)
 
     def trainable_mask(self, params):
-        return summary_lib.trainable_mask(params, self.peft_kind)
+        """What the optimizer trains: its groups (optim.groups, or the PEFT defaults) decide."""
+        frozen = optim_lib.frozen_mask(self.config, params, self.param_labels(params))
+        return jax.tree.map(lambda f: not f, frozen)
 
     def summary(self, params) -> str:
-        return summary_lib.summary(params, self.peft_kind)
+        return summary_lib.summary(params, self.trainable_mask(params))
 
     def logical_specs(self, params):
         """PartitionSpecs of logical axis names (from the encoder's boxes), () where unannotated.

@@ -8,6 +8,10 @@ Labels, by parameter path:
   encoder/<embeddings>/...                     "embeddings" (word/position/type embeddings, T5 "shared")
   any other encoder/...                        "encoder"
 With a PEFT kind (prefix, adapter, lora) "embeddings", "encoder" and "pooler" are frozen.
+
+``count``/``summary`` take a trainable mask: ``MultiTaskModel`` passes the optimizer's (from
+``optim.groups``, which may freeze more than PEFT does); ``trainable_mask(params, peft_kind)`` is
+the PEFT-only default the optimizer's default groups reproduce.
 """
 from __future__ import annotations
 
@@ -54,21 +58,22 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e7 else f"{n / 1e6:.3g}M"  # 22.7M, 109.5M, 0.59M
 
 
-def count(params, peft_kind: str) -> tuple[int, int]:
-    """(total, trainable) parameter counts; works on arrays and ShapeDtypeStructs."""
+def count(params, trainable) -> tuple[int, int]:
+    """(total, trainable) parameter counts; ``trainable``: a params-shaped tree of bools. Works on
+    arrays and ShapeDtypeStructs."""
     sizes = jax.tree.leaves(jax.tree.map(lambda x: int(np.prod(x.shape)), params))
-    mask = jax.tree.leaves(trainable_mask(params, peft_kind))
+    mask = jax.tree.structure(params).flatten_up_to(trainable)
     return sum(sizes), sum(s for s, m in zip(sizes, mask) if m)
 
 
-def summary(params, peft_kind: str) -> str:
-    """"params: total 22.7M, trainable 0.59M (2.6%)"."""
-    total, trainable = count(params, peft_kind)
-    pct = 100.0 * trainable / max(total, 1)
+def summary(params, trainable) -> str:
+    """"params: total 22.7M, trainable 0.59M (2.6%)"; ``trainable`` as in ``count``."""
+    total, n_trainable = count(params, trainable)
+    pct = 100.0 * n_trainable / max(total, 1)
     pct_text = f"{pct:.1f}" if pct >= 1 else f"{pct:.2g}"
-    return f"params: total {_millions(total)}, trainable {_millions(trainable)} ({pct_text}%)"
+    return f"params: total {_millions(total)}, trainable {_millions(n_trainable)} ({pct_text}%)"
 
 
 def trainable_fraction(params, peft_kind: str) -> float:
-    total, trainable = count(params, peft_kind)
+    total, trainable = count(params, trainable_mask(params, peft_kind))
     return trainable / max(total, 1)

@@ -20,6 +20,8 @@ class TaskType:
     label_keys: tuple[str, ...] = ()
     extra_fields: dict[str, Any] = {}
     default_metrics: tuple[str, ...] = ()
+    # The metrics whose inputs this type's postprocess produces (checked before training).
+    valid_metrics: tuple[str, ...] = ()
     uses_label_names = True
 
     def num_labels(self, label_names: tuple[str, ...]) -> int:
@@ -92,6 +94,7 @@ class SequenceClassification(TaskType):
     name = "sequence_classification"
     label_keys = ("label",)
     default_metrics = ("accuracy",)
+    valid_metrics = ("accuracy", "f1", "f1_macro", "f1_micro", "matthews_corrcoef")
 
     def parse(self, record, where, definition, label_ids):
         texts = _texts(record, definition)
@@ -116,6 +119,7 @@ class SequenceRegression(TaskType):
     name = "sequence_regression"
     label_keys = ("target",)
     default_metrics = ("pearson", "spearman")
+    valid_metrics = ("pearson", "spearman")
     uses_label_names = False
 
     def num_labels(self, label_names):
@@ -152,6 +156,7 @@ class TokenClassification(TaskType):
     name = "token_classification"
     label_keys = ("tag_ids",)
     default_metrics = ("seqeval",)
+    valid_metrics = ("seqeval",)
 
     def check_definition(self, task, definition):
         if len(definition.text_fields) != 1:
@@ -200,6 +205,7 @@ class ExtractiveQA(TaskType):
     label_keys = ("start_positions", "end_positions")
     extra_fields = dict(id_field="id", doc_stride=128, max_answer_length=30, n_best=20)
     default_metrics = ("squad",)
+    valid_metrics = ("squad",)
     uses_label_names = False
 
     def num_labels(self, label_names):

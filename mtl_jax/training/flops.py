@@ -1,18 +1,42 @@
 """The FLOPs count and model FLOPs utilisation (MFU), in one place.
 
-Per token of an encoder with N non-embedding parameters, L layers, hidden size d and sequence
-length s (Kaplan et al. 2020; PaLM appendix B):
+Per token of an encoder with N non-embedding parameters, L layers, attention width d (heads x
+head_dim: the hidden size for BERT) and sequence length s (Kaplan et al. 2020; PaLM appendix B),
+where a matmul with n weights costs 2n FLOPs forward, 2n for the activation gradients and 2n for
+the weight gradients:
 
     training:      6 N + 12 L d s     (forward 2N + 4Lds for the matmuls and attention scores,
                                        backward twice the forward)
     forward only:  2 N +  4 L d s     (= training / 3)
 
+``TrainCost`` refines the training count for what this model really runs (``train_cost``):
+
+  - N counts the parameters ONE example multiplies. Soft sharing stores T encoders but each
+    example is its own task's, so an encoder leaf [T, ...] counts 1/T; so do the per-task
+    adapter/LoRA tables [T, ...] (each example gathers its task's rows). Every head runs on every
+    example, so heads count fully. Embedding tables and the prefix MLP (once per step on the
+    T x P table, not per token) count 0. In mixed soft-sharing batches the step runs all T
+    encoders on every example; the other T-1 are waste, not model FLOPs (lower MFU).
+  - Weight gradients (2n) only for trainable parameters (``frozen``: the optimizer's groups, so
+    PEFT and frozen ``optim.groups`` alike). Activation gradients (2N, and the attention-score
+    backward 8 L d s', which has no weights) whenever a parameter in or below the encoder trains;
+    when only the heads and pooler train, only theirs.
+  - Prefix tuning adds P keys per layer: the attention terms use s' = s + P.
+
+    training per token = 4N + 2 N_trainable + 12 L d s'              (encoder backward)
+                       = 2N + 2 N_heads + 2 N_trainable + 4 L d s'   (only heads/pooler train)
+
+which is 6N + 12Lds for full fine-tuning. Conventions kept from the plain count: heads and the
+pooler count per token although sequence heads run once per example, and the lowest layer's
+activation gradients are counted although nothing below it may train (both slightly high).
+
 MFU = achieved model FLOPs/s / (device peak x devices), with the dense bf16 peak of the device.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -48,6 +72,79 @@ def train_flops_per_example(non_embedding_params: int, num_layers: int, hidden_s
                             seq_len: int) -> float:
     """FLOPs of one training example padded to ``seq_len`` (padding is computed, so counted)."""
     return seq_len * train_flops_per_token(non_embedding_params, num_layers, hidden_size, seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCost:
+    """Per-token parameter counts of one example's path through the model (see the module
+    docstring), computed once per run from shapes."""
+
+    params: float  # N: parameters one example multiplies per token
+    trainable: float  # the part of N that gets weight gradients
+    head_params: float  # the part of N after the encoder (heads, pooler)
+    encoder_backward: bool  # a parameter in or below the encoder trains
+    num_layers: int
+    attention_dim: int  # num_heads * head_dim (the hidden size for BERT)
+    prefix_length: int = 0
+
+    def per_token(self, seq_len: int) -> float:
+        attention = 4.0 * self.num_layers * self.attention_dim * (seq_len + self.prefix_length)
+        if self.encoder_backward:
+            activation_grads = 2.0 * self.params + 2.0 * attention
+        else:
+            activation_grads = 2.0 * self.head_params
+        return 2.0 * self.params + attention + activation_grads + 2.0 * self.trainable
+
+    def per_example(self, seq_len: int) -> float:
+        """FLOPs of one training example padded to ``seq_len`` (padding is computed, so counted)."""
+        return seq_len * self.per_token(seq_len)
+
+
+# Label kind (``param_labels`` up to the first "/") -> the share of a leaf's parameters one example
+# multiplies per token, given (soft sharing?, number of tasks).
+PER_TOKEN_SHARE: dict[str, Callable[[bool, int], float]] = {
+    "embeddings": lambda soft, t: 0.0,  # table lookups
+    "prefix": lambda soft, t: 0.0,  # the prefix MLP runs once per step, not per token
+    "peft": lambda soft, t: 1.0 / t,  # [T, ...]: each example gathers its own task's rows
+    "encoder": lambda soft, t: 1.0 / t if soft else 1.0,  # soft: T stacked encoders, one used
+    "pooler": lambda soft, t: 1.0 / t if soft else 1.0,
+    "heads": lambda soft, t: 1.0,  # every head runs on every example
+}
+HEAD_SIDE = ("heads", "pooler")  # after the encoder: training only these needs no encoder backward
+
+
+def train_cost(params: Any, labels: Any, frozen: Any, *, sharing: str, num_tasks: int,
+               num_layers: int, attention_dim: int, prefix_length: int = 0) -> TrainCost:
+    """``TrainCost`` from the params (arrays or ShapeDtypeStructs), their labels
+    (``MultiTaskModel.param_labels``) and the optimizer's frozen mask (``optim.frozen_mask``)."""
+    treedef = jax.tree.structure(params)
+    n = trainable = heads = 0.0
+    encoder_backward = False
+    for leaf, label, is_frozen in zip(jax.tree.leaves(params), treedef.flatten_up_to(labels),
+                                      treedef.flatten_up_to(frozen)):
+        kind = label.split("/")[0]
+        size = int(np.prod(np.shape(leaf))) * PER_TOKEN_SHARE[kind](sharing == "soft", num_tasks)
+        n += size
+        heads += size if kind in HEAD_SIDE else 0.0
+        trainable += 0.0 if is_frozen else size
+        encoder_backward |= not is_frozen and kind not in HEAD_SIDE
+    return TrainCost(params=n, trainable=trainable, head_params=heads,
+                     encoder_backward=encoder_backward, num_layers=num_layers,
+                     attention_dim=attention_dim, prefix_length=prefix_length)
+
+
+def train_cost_of(model) -> TrainCost:
+    """``train_cost`` of a ``MultiTaskModel`` (shapes only: nothing is initialised)."""
+    from mtl_jax.training import optim
+
+    shapes = model.abstract_params()
+    labels = model.param_labels(shapes)
+    enc = model.encoder_config
+    prefix = shapes.get("prefix", {}).get("embedding")  # [T, P, hidden]
+    return train_cost(shapes, labels, optim.frozen_mask(model.config, shapes, labels),
+                      sharing=model.sharing, num_tasks=model.num_tasks,
+                      num_layers=enc.num_layers, attention_dim=enc.num_heads * enc.head_dim,
+                      prefix_length=0 if prefix is None else prefix.shape[1])
 
 
 def non_embedding_params(params: Any, labels: Any = None) -> int:

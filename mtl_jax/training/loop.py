@@ -27,15 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.checkpoints.manager import CheckpointManager
-from mtl_jax.errors import UserError
+from mtl_jax.errors import RunStopped, UserError
 from mtl_jax.training import evaluate_loop, flops
+from mtl_jax.training import workdir as workdir_lib
 from mtl_jax.training.early_stopping import EarlyStopping, select_metric
-from mtl_jax.training.metrics_writer import MetricsWriter
+from mtl_jax.training.metrics_writer import METRICS_FILE, MetricsWriter
 from mtl_jax.training.preemption import PreemptionGuard
 from mtl_jax.training.results import write_results
 
-# Test hook: after step K the loop waits (checkpoints written) until a stop signal arrives, so
-# tests can SIGTERM or SIGKILL a run at a known point.
+# Test hook: after step K (or the first step past it, when a resume starts there) the loop waits
+# (checkpoints written) until a stop signal arrives, so tests can SIGTERM or SIGKILL a run at a
+# known point.
 PAUSE_ENV = "MTL_JAX_TEST_PAUSE_AT_STEP"
 
 
@@ -114,8 +116,8 @@ class Progress:
 
 def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
           step_fn: Callable | None = None) -> dict | None:
-    """Trains ``run`` (a runner.Run) in ``workdir``; returns the results record, or None when a
-    signal stopped it (after a checkpoint).
+    """Trains ``run`` (a runner.Run) in ``workdir``; returns the results record. A signal stops
+    it after a checkpoint with ``RunStopped`` (exit code 75: run again to resume).
 
     ``evaluate_fn(state, step) -> ({task: metrics}, {task: report})`` replaces the evaluation
     and ``step_fn(train_step) -> train_step`` wraps the step (both for tests).
@@ -124,6 +126,8 @@ def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
     evaluate_fn = evaluate_fn or (lambda state, step: evaluate_loop.evaluate(run, state))
     primary = evaluate_loop.primary_metrics(config)
     ckpt = CheckpointManager.from_config(workdir, config)
+    if ckpt.all_steps():  # a resume: refused before anything is read or written if settings differ
+        workdir_lib.check_resume_config(workdir, run.config_json())
     it = run.data.train_iterator(t.batch_size, config.data.shuffle_seed)
     progress = Progress(EarlyStopping.from_config(config))
 
@@ -132,9 +136,12 @@ def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
         state, step = restored.state, restored.step
         it.set_state(restored.data_state)
         progress = progress.restore(restored.loop_state)
-        _say(f"resumed from {ckpt.directory}/{step}")
     else:
         state, step = run.init_state(), 0
+    _say(_resume_line(workdir, ckpt, restored))
+    if jax.process_index() == 0:
+        workdir_lib.record_sitting(workdir, run.config_json(),
+                                   None if restored is None else restored.step, sys.argv)
     _say_summary(run, state)
     writer = MetricsWriter(workdir, resume_step=step if restored is not None else None)
     loop = _Loop(run, workdir, ckpt, writer, it, progress, evaluate_fn, primary,
@@ -143,15 +150,38 @@ def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
         state, step, signal = loop.steps(state, step)
     finally:
         writer.close()
-        ckpt.close()  # waits for the last async save
+        ckpt.close()  # waits (bounded) for the last async save
     if signal is not None:
-        _say(f"stopped by signal {signal} at step {step}; checkpoint saved in {ckpt.directory}; "
-             f"run the same command again to resume")
-        return None
+        raise RunStopped(f"signal {signal} at step {step}, checkpoint saved in {ckpt.directory}; "
+                         f"run the same command again to resume")
     if progress.last.get("step") != step:  # a resumed run that had already finished training
         metrics, reports = evaluate_fn(state, step)
         progress.last = dict(step=step, metrics=metrics, reports=reports)
     return _finish(run, workdir, loop.progress, step)
+
+
+def _resume_line(workdir: str, ckpt: CheckpointManager, restored) -> str:
+    """What a (re)start does, in one line; a fresh start keeps an earlier sitting's metrics."""
+    step = None if restored is None else restored.step
+    lost = [s for s in ckpt.interrupted_saves if step is None or s > step]
+    found = (f"found an interrupted save at step {', '.join(map(str, lost))}, discarded; "
+             if lost else "")
+    if restored is not None:
+        return f"{found}resumed from {ckpt.directory}/{step}"
+    kept = _set_aside_metrics(workdir)
+    kept = f"; the earlier metrics.jsonl is kept as {kept}" if kept else ""
+    return f"{found}starting from scratch in {workdir}{kept}"
+
+
+def _set_aside_metrics(workdir: str) -> str | None:
+    """A fresh start in a workdir that logged before (no checkpoint committed): keep that log."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if jax.process_index() != 0 or "://" in workdir or not os.path.isfile(path) or \
+            not os.path.getsize(path):
+        return None
+    aside = f"{path}.discarded-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, aside)
+    return os.path.basename(aside)
 
 
 class _Loop:
@@ -160,10 +190,7 @@ class _Loop:
         self.ckpt, self.writer, self.it, self.progress = ckpt, writer, it, progress
         self.evaluate_fn, self.primary, self.train_step = evaluate_fn, primary, train_step
         self.num_tasks = len(run.model.specs)
-        enc = run.model.encoder_config
-        shapes = run.model.abstract_params()
-        self.non_embedding = flops.non_embedding_params(shapes, run.model.param_labels(shapes))
-        self.layers, self.hidden = enc.num_layers, enc.hidden_size
+        self.cost = flops.train_cost_of(run.model)  # soft sharing, frozen params: see flops.py
         self.peak = flops.device_peak_flops()
         self.rng = jax.random.PRNGKey(int(self.config.seed))  # the step folds in state.step
         self.pause_at = int(os.environ.get(PAUSE_ENV, "0") or 0)
@@ -186,6 +213,7 @@ class _Loop:
                 placed = self.run.batch(batch)
                 state, metrics = self.train_step(state, placed, self.rng)
                 step += 1
+                self.ckpt.poll()  # a failed background save stops the run here, not hours later
                 present = _task_presence(batch, self.num_tasks)
                 if window is None:
                     window = _empty_window(metrics, self.num_tasks)
@@ -211,7 +239,7 @@ class _Loop:
                          f"evaluations (best {self.progress.stopper.best_value:.4f} at step "
                          f"{self.progress.stopper.best_step})")
                     return state, step, None
-                if step == self.pause_at:
+                if self.pause_at and step >= self.pause_at:
                     self._pause(guard, step)
         return state, step, None
 
@@ -237,8 +265,7 @@ class _Loop:
         host.steps += 1
         host.examples += n
         host.tokens += float(np.asarray(batch["attention_mask"])[real].sum()) * jax.process_count()
-        host.flops += n * flops.train_flops_per_example(self.non_embedding, self.layers,
-                                                        self.hidden, length)
+        host.flops += n * self.cost.per_example(length)
 
     def _check_finite(self, window, step) -> None:
         """Host sync: a non-finite loss since the last check stops the run (nan_policy=stop)."""
@@ -314,7 +341,8 @@ class _Loop:
 
     def _save(self, state, step, score) -> None:
         self.ckpt.save(step, self.run.placement.saved(state), data_state=self.it.get_state(),
-                       config=self.config, metric=score, loop_state=self.progress.state_dict())
+                       config=self.run.config_json(), metric=score,
+                       loop_state=self.progress.state_dict())
 
 
 def _finish(run, workdir, progress: Progress, step: int) -> dict:

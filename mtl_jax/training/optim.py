@@ -12,7 +12,11 @@ A rule selects parameters by ``match`` (regex searched in the "/"-joined paramet
 prefix); with both, both must hold. Unset fields (``lr<0``, ``schedule=""``, ...) take the
 ``optim.*`` defaults. Every parameter must match exactly one group. An empty ``optim.groups``
 means one group ``all``, or, with PEFT (``peft.kind != none``), ``frozen`` (labels
-embeddings|encoder) plus ``trainable`` (the rest).
+embeddings|encoder|pooler: the pretrained checkpoint) plus ``trainable`` (the rest).
+
+``frozen_mask(config, params, labels)`` answers "does the optimizer freeze this parameter?" without
+building the optimizer (the same assignment as ``Optimizer.trainable_mask``, negated); the
+parameter summary and the FLOPs count read it.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import ml_collections
 import optax
 
 from mtl_jax.errors import UserError
+from mtl_jax.models.summary import FROZEN_BY_PEFT
 from mtl_jax.registry import Registry
 
 GROUP_DEFAULTS = dict(match="", labels="", lr=-1.0, schedule="", warmup_fraction=-1.0,
@@ -113,9 +118,10 @@ def make_schedule(group: Group, total_updates: int) -> optax.Schedule:
 # --- groups ------------------------------------------------------------------------------------
 
 def default_groups(config) -> dict:
-    if config.peft.kind != "none":
-        return dict(frozen=dict(labels="embeddings|encoder", frozen=True),
-                    trainable=dict(labels=r"(?!embeddings$|encoder$).*"))
+    if config.peft.kind != "none":  # the whole pretrained checkpoint stays fixed, BERT's pooler too
+        frozen = "|".join(FROZEN_BY_PEFT)
+        return dict(frozen=dict(labels=frozen, frozen=True),
+                    trainable=dict(labels=rf"(?!(?:{frozen})$).*"))
     return dict(all=dict(match=".*"))
 
 
@@ -176,6 +182,15 @@ def assign_groups(groups: list[Group], params, labels) -> Any:
                         "; edit the groups' `match`/`labels` regexes so each parameter matches "
                         "exactly one group")
     return jax.tree.unflatten(treedef, names)
+
+
+def frozen_mask(config, params, labels) -> Any:
+    """Params-shaped tree of bools, True where the optimizer freezes the parameter (its group has
+    ``frozen=True``); the same group assignment ``build_optimizer`` makes. Works on arrays and
+    ShapeDtypeStructs."""
+    groups = resolve_groups(config)
+    frozen = {g.name: g.frozen for g in groups}
+    return jax.tree.map(frozen.__getitem__, assign_groups(groups, params, labels))
 
 
 def decay_mask(params, no_decay: str) -> Any:

@@ -38,6 +38,9 @@ def read_inputs(path: str) -> list[dict]:
     except OSError as e:
         raise UserError(f"cannot read --input={path} ({e.strerror or type(e).__name__}); pass a "
                         f"JSONL file or - for stdin") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}: bytes that are not UTF-8 at byte offset {e.start} "
+                        f"({e.object[e.start:e.end]!r}); give UTF-8 JSON lines") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -3,22 +3,25 @@
 Modes (a registry):
   train    trains, evaluating every ``train.eval_every`` steps; resumes from WORKDIR's latest
            checkpoint on its own (on any device count: the state is restored onto this run's
-           mesh). SIGTERM/SIGINT save a checkpoint and exit 0; rerun the same command to resume.
+           mesh). The config and every task split are checked before anything is compiled, and
+           the workdir is locked for the run. SIGTERM/SIGINT save a checkpoint and exit 75;
+           rerun the same command to resume.
   eval     evaluates the ``eval.checkpoint`` (best | latest) checkpoint on every task's
            validation split and prints the results table.
   predict  reads JSONL records in the task's own field names (--input=FILE, or - for stdin)
            and writes one JSON prediction per line to stdout.
 
-Exit codes: 0 done (or stopped by a signal, after saving), 2 a user mistake (one line on
-stderr), 3 a non-finite loss with ``train.nan_policy=stop`` (the last good checkpoint is kept).
+Exit codes (mtl_jax.errors): 0 done, 2 a user mistake (one line on stderr), 3 a non-finite loss
+with ``train.nan_policy=stop``, 4 a failed checkpoint save, 75 stopped by a signal after saving.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
 import sys
-import tempfile
 from typing import Callable
 
 import flax
@@ -29,10 +32,10 @@ import numpy as np
 from mtl_jax.checkpoints.manager import CheckpointManager, config_to_json
 from mtl_jax.errors import UserError
 from mtl_jax.registry import Registry
-from mtl_jax.training import distributed
+from mtl_jax.training import distributed, validate
 from mtl_jax.training import sharding as sharding_lib
+from mtl_jax.training import workdir as workdir_lib
 
-CONFIG_FILE = "config.json"
 EVAL_CHECKPOINTS = ("best", "latest")
 
 
@@ -95,6 +98,15 @@ class Run:
     def batch(self, host_batch: dict):
         return self.placement.batch(host_batch, self.mesh)
 
+    def config_json(self) -> dict:
+        """The config as saved with the run: label names resolved (also those inferred from the
+        data), so eval and predict read the classes exactly as training numbered them."""
+        record = config_to_json(self.config)
+        for spec in self.model.specs:
+            if spec.label_names:
+                record["tasks"][spec.name]["label_names"] = list(spec.label_names)
+        return record
+
     # --- state ---------------------------------------------------------------------------
     def abstract_state(self):
         """The TrainState as ShapeDtypeStructs (no weights read, nothing allocated)."""
@@ -155,33 +167,24 @@ def build_run(config, splits=("train", "validation"), log=None) -> Run:
 
 # --- workdir ---------------------------------------------------------------------------------
 
-def check_workdir(workdir: str | None, *, must_exist: bool = False) -> str:
-    """The workdir, created and checked writable (a local path), or a UserError naming the fix."""
-    if not workdir:
-        raise UserError("--workdir is required; pass --workdir=DIR (checkpoints, metrics and "
-                        "results go there)")
-    if "://" in workdir:  # gs:// and friends: orbax checks access itself
-        return workdir
-    if must_exist:
-        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-            raise UserError(f"no checkpoints in {workdir}; train first (--mode=train "
-                            f"--workdir={workdir}) or point --workdir at a trained run")
-        return workdir
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"workdir {workdir} is not writable ({e.strerror or type(e).__name__}); "
-                        f"pass a --workdir you can write to") from None
-    return workdir
+check_workdir = workdir_lib.check_workdir
 
 
-def write_config(workdir: str, config) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config_to_json(config), f, indent=2, sort_keys=True)
-            f.write("\n")
+def use_saved_label_names(config, workdir: str) -> None:
+    """eval/predict: the label names training resolved (from config.json of the run), so that a
+    split with another label set cannot renumber the classes."""
+    saved = workdir_lib.saved_config(workdir) or {}
+    for name, task in config.tasks.items():
+        names = ((saved.get("tasks") or {}).get(name) or {}).get("label_names") or []
+        given = tuple(task.get("label_names") or ())
+        if not names:
+            continue
+        if given and given != tuple(names):
+            raise UserError(f"tasks.{name}.label_names={given} differ from those the run in "
+                            f"{workdir} was trained with ({tuple(names)}); drop the override or "
+                            f"use the trained names")
+        with config.unlocked():
+            task["label_names"] = tuple(names)
 
 
 def log_line(message: str) -> None:
@@ -200,10 +203,19 @@ def train_mode(config, workdir, task=None, input_path="-"):
     del task, input_path
     from mtl_jax.training import loop
 
+    validate.check_config(config)  # before anything is read or written
     check_workdir(workdir)
-    run = build_run(config, log=log_line)
-    write_config(workdir, config)
-    return loop.train(run, workdir)
+    created = ("://" not in workdir and not os.path.exists(workdir)
+               and jax.process_index() == 0)  # on a shared filesystem: only one remover
+    with workdir_lib.WorkdirLock(workdir, log_line, enabled=jax.process_index() == 0):
+        try:
+            run = build_run(config, log=log_line)  # reads and tokenizes every split
+            validate.check_run(run)
+        except UserError:
+            if created:  # a run that fails validation leaves nothing behind
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return loop.train(run, workdir)
 
 
 def restore_for_eval(run: Run, workdir: str):
@@ -211,7 +223,7 @@ def restore_for_eval(run: Run, workdir: str):
     which = run.config.eval.checkpoint
     if which not in EVAL_CHECKPOINTS:
         raise UserError(f"eval.checkpoint={which!r}; use one of {', '.join(EVAL_CHECKPOINTS)}")
-    ckpt = CheckpointManager.from_config(workdir, run.config)
+    ckpt = CheckpointManager.from_config(workdir, run.config, read_only=True)
     try:
         step = ckpt.best_step() if which == "best" else None
         restored = run.restore(ckpt, step)
@@ -228,7 +240,9 @@ def eval_mode(config, workdir, task=None, input_path="-"):
     from mtl_jax.training import evaluate_loop
 
     check_workdir(workdir, must_exist=True)
+    use_saved_label_names(config, workdir)
     run = build_run(config, splits=("validation",), log=log_line)
+    validate.check_run(run)
     tasks = [run.spec(task).name] if task else run.data.eval_tasks()
     state, step = restore_for_eval(run, workdir)
     print_summary(run, state)
@@ -246,6 +260,7 @@ def predict_mode(config, workdir, task=None, input_path="-"):
     if not task:
         raise UserError("--mode=predict needs --task=NAME (the task whose head to use)")
     check_workdir(workdir, must_exist=True)
+    use_saved_label_names(config, workdir)
     run = build_run(config, splits=(), log=log_line)  # label names only, no data read
     spec = run.spec(task)
     records = predict.read_inputs(input_path)  # before the restore: a bad input fails fast
@@ -267,9 +282,23 @@ def print_summary(run: Run, state) -> None:
 
 
 def run(mode: str, config, workdir: str | None, task: str | None = None,
-        input_path: str = "-"):
+        input_path: str = "-", verbose: bool = False):
     """Runs ``mode`` (train | eval | predict); see the module docstring."""
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    if not verbose:
+        quiet_library_logs()
     distributed.maybe_initialize_distributed()
     return MODES.get(mode)(config, workdir, task=task, input_path=input_path)
 
+
+def _from_library(record: logging.LogRecord) -> bool:
+    path = record.pathname.replace(os.sep, "/")
+    return "/orbax/" in path or record.name.startswith("asyncio")
+
+
+def quiet_library_logs() -> None:
+    """orbax (through absl) and asyncio log a traceback for every failure that mtl_jax reports
+    itself in one line; their records show only with --verbose."""
+    keep = lambda record: not _from_library(record)  # noqa: E731
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(keep)
