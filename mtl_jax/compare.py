@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 
 from mtl_jax.errors import STOPPED_EXIT_CODE, UserError
 from mtl_jax.registry import Registry
+from mtl_jax.training.workdir import write_json
 
 RUNS_DIR = "runs"
 REFERENCE_DIR = "reference"
@@ -287,18 +288,10 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _write_json(path: str, record: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _record_launch(facts_path: str, facts: dict, returncode: int, start: float) -> None:
     facts.update(launches=facts.get("launches", 0) + 1, returncode=returncode,
                  wall_s=facts.get("wall_s", 0.0) + time.time() - start)
-    _write_json(facts_path, facts)
+    write_json(facts_path, facts)
 
 
 def _settings(command: Sequence[str]) -> list[str]:
@@ -333,7 +326,7 @@ def run_comparison(config, config_file: str, workdir: str, user: Mapping[str, ob
             facts["trainable_params"], facts["total_params"] = count_params(setup_config(config, setup, user))
         facts.update(setup=setup.name, tasks=list(setup.tasks), command=command,
                      overrides={k: format_value(v) for k, v in merged_overrides(setup, user).items()})
-        _write_json(facts_path, facts)
+        write_json(facts_path, facts)
         log(f"[compare] {setup.name}: {'resuming' if facts.get('launches') else 'starting'} "
             f"(log: {os.path.join(run_dir, 'compare.log')})")
         start = time.time()

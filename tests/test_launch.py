@@ -17,7 +17,8 @@ CLEAN_ENV = {k: v for k, v in os.environ.items()
 
 @pytest.mark.parametrize("script", LINTED, ids=lambda p: p.name)
 def test_bash_syntax(script):
-    subprocess.run(["bash", "-n", str(script)], check=True)
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("script", LINTED, ids=lambda p: p.name)

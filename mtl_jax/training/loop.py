@@ -127,7 +127,7 @@ def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
     primary = evaluate_loop.primary_metrics(config)
     ckpt = CheckpointManager.from_config(workdir, config)
     if ckpt.all_steps():  # a resume: refused before anything is read or written if settings differ
-        workdir_lib.check_resume_config(workdir, run.config_json())
+        workdir_lib.check_resume_config(workdir, run.config_json)
     it = run.data.train_iterator(t.batch_size, config.data.shuffle_seed)
     progress = Progress(EarlyStopping.from_config(config))
 
@@ -140,7 +140,7 @@ def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
         state, step = run.init_state(), 0
     _say(_resume_line(workdir, ckpt, restored))
     if jax.process_index() == 0:
-        workdir_lib.record_sitting(workdir, run.config_json(),
+        workdir_lib.record_sitting(workdir, run.config_json,
                                    None if restored is None else restored.step, sys.argv)
     _say_summary(run, state)
     writer = MetricsWriter(workdir, resume_step=step if restored is not None else None)
@@ -341,7 +341,7 @@ class _Loop:
 
     def _save(self, state, step, score) -> None:
         self.ckpt.save(step, self.run.placement.saved(state), data_state=self.it.get_state(),
-                       config=self.run.config_json(), metric=score,
+                       config=self.run.config_json, metric=score,
                        loop_state=self.progress.state_dict())
 
 

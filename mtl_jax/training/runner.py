@@ -17,6 +17,7 @@ with ``train.nan_policy=stop``, 4 a failed checkpoint save, 75 stopped by a sign
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -98,9 +99,11 @@ class Run:
     def batch(self, host_batch: dict):
         return self.placement.batch(host_batch, self.mesh)
 
+    @functools.cached_property
     def config_json(self) -> dict:
         """The config as saved with the run: label names resolved (also those inferred from the
-        data), so eval and predict read the classes exactly as training numbered them."""
+        data), so eval and predict read the classes exactly as training numbered them. Computed
+        once: the config and the specs are fixed when the run is built."""
         record = config_to_json(self.config)
         for spec in self.model.specs:
             if spec.label_names:
@@ -167,9 +170,6 @@ def build_run(config, splits=("train", "validation"), log=None) -> Run:
 
 # --- workdir ---------------------------------------------------------------------------------
 
-check_workdir = workdir_lib.check_workdir
-
-
 def use_saved_label_names(config, workdir: str) -> None:
     """eval/predict: the label names training resolved (from config.json of the run), so that a
     split with another label set cannot renumber the classes."""
@@ -204,7 +204,7 @@ def train_mode(config, workdir, task=None, input_path="-"):
     from mtl_jax.training import loop
 
     validate.check_config(config)  # before anything is read or written
-    check_workdir(workdir)
+    workdir_lib.check_workdir(workdir)
     created = ("://" not in workdir and not os.path.exists(workdir)
                and jax.process_index() == 0)  # on a shared filesystem: only one remover
     with workdir_lib.WorkdirLock(workdir, log_line, enabled=jax.process_index() == 0):
@@ -239,7 +239,7 @@ def eval_mode(config, workdir, task=None, input_path="-"):
     del input_path
     from mtl_jax.training import evaluate_loop
 
-    check_workdir(workdir, must_exist=True)
+    workdir_lib.check_workdir(workdir, must_exist=True)
     use_saved_label_names(config, workdir)
     run = build_run(config, splits=("validation",), log=log_line)
     validate.check_run(run)
@@ -259,7 +259,7 @@ def predict_mode(config, workdir, task=None, input_path="-"):
 
     if not task:
         raise UserError("--mode=predict needs --task=NAME (the task whose head to use)")
-    check_workdir(workdir, must_exist=True)
+    workdir_lib.check_workdir(workdir, must_exist=True)
     use_saved_label_names(config, workdir)
     run = build_run(config, splits=(), log=log_line)  # label names only, no data read
     spec = run.spec(task)
@@ -291,14 +291,14 @@ def run(mode: str, config, workdir: str | None, task: str | None = None,
     return MODES.get(mode)(config, workdir, task=task, input_path=input_path)
 
 
-def _from_library(record: logging.LogRecord) -> bool:
+def _not_from_library(record: logging.LogRecord) -> bool:
     path = record.pathname.replace(os.sep, "/")
-    return "/orbax/" in path or record.name.startswith("asyncio")
+    return not ("/orbax/" in path or record.name.startswith("asyncio"))
 
 
 def quiet_library_logs() -> None:
     """orbax (through absl) and asyncio log a traceback for every failure that mtl_jax reports
-    itself in one line; their records show only with --verbose."""
-    keep = lambda record: not _from_library(record)  # noqa: E731
+    itself in one line; their records show only with --verbose. (One filter object: adding it
+    again, as every in-process run does, is a no-op.)"""
     for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(keep)
+        logging.getLogger(name).addFilter(_not_from_library)

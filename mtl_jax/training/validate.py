@@ -72,6 +72,8 @@ FRACTIONS = ("optim.warmup_fraction", "heads.dropout", "peft.lora_dropout")  # i
 
 def check_config(config) -> None:
     """Every check that needs only the config (no files, no model)."""
+    from mtl_jax.data import batching
+
     for key, names in _choices().items():
         value = _get(config, key)
         valid = list(names())
@@ -91,14 +93,8 @@ def check_config(config) -> None:
         value = _get(config, key)
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{key}={value!r} must be between 0 and 1")
-    _check_buckets(config)
-    _check_batch_layout(config)
-
-
-def _check_buckets(config) -> None:
-    from mtl_jax.data import batching
-
     batching.check_buckets(config.data.buckets)
+    _check_batch_layout(config)
 
 
 def _check_batch_layout(config) -> None:

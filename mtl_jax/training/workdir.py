@@ -166,14 +166,15 @@ def record_sitting(workdir: str, config_json: dict, resumed_from: int | None, ar
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CONFIG_FILE)
     if resumed_from is None or not os.path.isfile(path):
-        _write_json(path, config_json)
+        write_json(path, config_json)
     line = dict(started=_now(), host=socket.gethostname(), pid=os.getpid(),
                 resumed_from=resumed_from, argv=list(argv or []), config=config_json)
     with open(os.path.join(workdir, SITTINGS_FILE), "a", encoding="utf-8") as f:
         f.write(json.dumps(line, sort_keys=True) + "\n")
 
 
-def _write_json(path: str, record: dict) -> None:
+def write_json(path: str, record: dict) -> None:
+    """``record`` as indented JSON, atomically (a crash leaves the old file or the new one)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, sort_keys=True)
