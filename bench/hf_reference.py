@@ -9,7 +9,8 @@ same order, the same SST-2 subsample, the same length buckets and the same metri
 numbers compare directly with ``DIR/runs/single_<task>``.
 
   python bench/hf_reference.py --workdir=DIR                       # every task, the full protocol
-                                                   # (rerun: tasks with a full results.json are skipped)
+                                                                   # (rerun: tasks with a full
+                                                                   # results.json are skipped)
   python bench/hf_reference.py --workdir=DIR --tasks=rte --max_steps=20    # a quick check
 
 Writes ``DIR/reference/<task>/{results.json,results.md,metrics.jsonl}`` (results.json in
@@ -83,14 +84,16 @@ def linear_warmup_decay(total: int, fraction: float):
 def optimizer(model: torch.nn.Module, c) -> torch.optim.AdamW:
     no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n  # noqa: E731  # optim.no_decay
     params = list(model.named_parameters())
-    groups = [dict(params=[p for n, p in params if not no_decay(n)], weight_decay=c.optim.weight_decay),
+    groups = [dict(params=[p for n, p in params if not no_decay(n)],
+                   weight_decay=c.optim.weight_decay),
               dict(params=[p for n, p in params if no_decay(n)], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2), eps=c.optim.eps)
 
 
 def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict:
     from mtl_jax.checkpoints.hf import resolve_model_path
-    from mtl_jax.data.pipeline import build_data, load_tokenizer
+    from mtl_jax.data.pipeline import build_data
+    from mtl_jax.text.tokenizer import load_tokenizer
 
     c = protocol.get_config(f"tasks={task}")
     if tiny_data:  # the tiny data caps only: the model stays the real MiniLM
@@ -133,7 +136,8 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
         raw = next(iterator)
         batch = to_torch(raw)
         logits = model(batch)
-        loss = loss_fn(logits.reshape(-1, logits.shape[-1]).float(), labels_of(batch, raw, per_token).reshape(-1))
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]).float(),
+                       labels_of(batch, raw, per_token).reshape(-1))
         loss.backward()
         if c.optim.clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.clip_norm)
@@ -143,7 +147,8 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
         train_time += time.perf_counter() - t0
         seen += int((np.asarray(raw["weight"]) > 0).sum())
         if step % c.train.log_every == 0 or step == steps:
-            writer.write(step, {"train/loss": loss.item(), "train/examples_per_s": seen / train_time})
+            writer.write(step, {"train/loss": loss.item(),
+                                "train/examples_per_s": seen / train_time})
         if step % eval_every == 0 or step == steps:
             final = evaluate(step)
             if best is None or final[metric] > best[metric]:
@@ -158,7 +163,8 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
 
 
 def finished(out_dir: str) -> bool:
-    """A full protocol run already wrote its results here (rerunning the script resumes the list)."""
+    """A full protocol run already wrote its results here (rerunning the script
+    resumes the list)."""
     try:
         with open(os.path.join(out_dir, "results.json"), encoding="utf-8") as f:
             results = json.load(f)
@@ -169,14 +175,19 @@ def finished(out_dir: str) -> bool:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="the comparison's DIR (writes DIR/reference/<task>)")
-    parser.add_argument("--tasks", default=",".join(protocol.TASKS), help="comma-separated subset")
-    parser.add_argument("--max_steps", type=int, default=0, help="stop after N steps (0 = the protocol's)")
-    parser.add_argument("--tiny_data", action="store_true", help="64 train / 32 eval examples a task")
+    parser.add_argument("--workdir", required=True,
+                        help="the comparison's DIR (writes DIR/reference/<task>)")
+    parser.add_argument("--tasks", default=",".join(protocol.TASKS),
+                        help="comma-separated subset")
+    parser.add_argument("--max_steps", type=int, default=0,
+                        help="stop after N steps (0 = the protocol's)")
+    parser.add_argument("--tiny_data", action="store_true",
+                        help="64 train / 32 eval examples a task")
     args = parser.parse_args()
     for task in (t for t in args.tasks.split(",") if t):
         if task not in protocol.TASKS:
-            sys.exit(f"error: unknown task {task!r}; use a comma-separated subset of {','.join(protocol.TASKS)}")
+            sys.exit(f"error: unknown task {task!r}; "
+                     f"use a comma-separated subset of {','.join(protocol.TASKS)}")
         out = os.path.join(args.workdir, "reference", task)
         if finished(out) and not (args.max_steps or args.tiny_data):
             print(task, "results.json exists (a finished protocol run), skipped ->", out)

@@ -62,7 +62,8 @@ def main():
 
     shape = bench.SHAPES[args.shape]
     model, state, train_step = bench.jax_setup(shape, "float32", "xla")
-    batches = [jax.device_put(b) for b in bench.jax_batches(args.batch, args.seq, shape["vocab_size"])]
+    batches = [jax.device_put(b)
+               for b in bench.jax_batches(args.batch, args.seq, shape["vocab_size"])]
     rng = jax.random.PRNGKey(1)
     for i in range(3):
         state, metrics = train_step(state, batches[i % 2], rng)
@@ -80,8 +81,8 @@ def main():
     by_category = collections.Counter()
     for name, ms in per_op.items():
         by_category[category(name, hlo, args.seq)] += ms
-    print(f"wall {wall_ms:.0f} ms/step (traced); op thread time {sum(per_op.values()):.0f} ms/step; "
-          f"{os.cpu_count()} CPUs")
+    print(f"wall {wall_ms:.0f} ms/step (traced); "
+          f"op thread time {sum(per_op.values()):.0f} ms/step; {os.cpu_count()} CPUs")
     for label, ms in by_category.most_common(args.top):
         print(f"{ms:8.1f} ms  {label}")
 

@@ -6,7 +6,8 @@ by a dynamic index into the [T, ...] stack, so the extra cost is the gradient sc
 stack and the O(T * params) penalty. Prints per-example step times and their ratio, measured in
 the same run.
 
-  python bench/soft_sharing.py                       # random BERT, hidden 384, 6 layers (MiniLM size)
+  python bench/soft_sharing.py                       # random BERT, hidden 384, 6 layers
+                                                     # (MiniLM size)
   python bench/soft_sharing.py --layers 2 --hidden 128 --steps 5   # quick
 """
 import argparse

@@ -30,7 +30,8 @@ def _model(shape: dict, num_classes: int, num_tags: int):
             self.tag_head = torch.nn.Linear(config.hidden_size, num_tags)
 
         def forward(self, input_ids, attention_mask, task: int):
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.encoder(input_ids=input_ids,
+                                  attention_mask=attention_mask).last_hidden_state
             if task == 0:
                 return self.cls_head(hidden[:, 0])
             return self.tag_head(hidden)

@@ -9,12 +9,13 @@ mtl_jax/training/flops.py), peak memory, compile time and the mtl_jax / PyTorch 
 
   python bench/train_step.py --preset=cpu [--steps=5]   # MiniLM-L6-H384 shape, batch 32, seq 128
                                                         # and 64, float32, vs PyTorch eager
-  python bench/train_step.py --preset=gpu               # BERT-base shape, batch 32 and 256, seq 128,
-                                                        # bf16, cuDNN attention, vs eager and torch.compile
+  python bench/train_step.py --preset=gpu               # BERT-base shape, batch 32 and 256,
+                                                        # seq 128, bf16, cuDNN attention, vs eager
+                                                        # and torch.compile
   python bench/train_step.py --table                    # the markdown table of the results file
 
 Each measurement is appended to bench/results/train_step.jsonl (one JSON object a line).
-"""
+"""  # noqa: E501 (line 1 is main()'s argparse description, kept word for word)
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = REPO / "bench" / "results" / "train_step.jsonl"
 SHAPES = {
-    "minilm-l6-h384": dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
-    "bert-base": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "minilm-l6-h384": dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
+                           intermediate_size=1536),
+    "bert-base": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
+                      intermediate_size=3072),
 }
 # preset -> (model shape, [(batch, seq)], dtype, attention, device, torch variants)
 PRESETS = {
     "cpu": ("minilm-l6-h384", [(32, 128), (32, 64)], "float32", "xla", "cpu", ("eager",)),
-    "gpu": ("bert-base", [(32, 128), (256, 128)], "bfloat16", "cudnn", "cuda", ("eager", "compile")),
+    "gpu": ("bert-base", [(32, 128), (256, 128)], "bfloat16", "cudnn", "cuda",
+            ("eager", "compile")),
 }
 NUM_CLASSES, NUM_TAGS = 2, 9
 
@@ -55,8 +59,8 @@ def jax_setup(shape: dict, dtype: str, attention: str, model_dir: str = ""):
     from configs.base import get_base_config
     from mtl_jax.models.multitask import build_model
     from mtl_jax.tasks.spec import TaskSpec
-    from mtl_jax.training.state import create_train_state
-    from mtl_jax.training.step import build_train_step
+    from mtl_jax.training import parallel, sharding
+    from mtl_jax.training.state import abstract_train_state
 
     c = get_base_config()
     c.model.random_init = True
@@ -68,12 +72,14 @@ def jax_setup(shape: dict, dtype: str, attention: str, model_dir: str = ""):
     c.optim.clip_norm = 0.0  # torch_baseline does not clip
     c.data.batch_mode = "homogeneous"
     specs = [TaskSpec("cls", "sequence_classification", NUM_CLASSES, 0, ("neg", "pos")),
-             TaskSpec("tags", "token_classification", NUM_TAGS, 1, tuple(f"T{i}" for i in range(NUM_TAGS)))]
+             TaskSpec("tags", "token_classification", NUM_TAGS, 1,
+                      tuple(f"T{i}" for i in range(NUM_TAGS)))]
     model = build_model(c, specs)
     assert model.encoder_config.vocab_size == shape["vocab_size"], model.encoder_config.vocab_size
     params = model.init_params(jax.random.PRNGKey(0))
-    state = create_train_state(model, params, c, total_steps=10_000)
-    return model, state, build_train_step(model, c)
+    mesh = sharding.make_mesh(c, jax.devices()[:1])
+    strategy = parallel.build(model, c, mesh, abstract_train_state(model, params, c, 10_000))
+    return model, strategy.init_state(params), strategy
 
 
 def jax_batches(batch: int, seq: int, vocab: int) -> list[dict]:
@@ -82,9 +88,10 @@ def jax_batches(batch: int, seq: int, vocab: int) -> list[dict]:
 
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, vocab, (batch, seq)).astype(np.int32)
-    common = dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=np.zeros_like(ids),
-                  weight=np.ones(batch, np.float32))
-    cls = dict(common, task_id=np.zeros(batch, np.int32), label=rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+    common = dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                  token_type_ids=np.zeros_like(ids), weight=np.ones(batch, np.float32))
+    cls = dict(common, task_id=np.zeros(batch, np.int32),
+               label=rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
                tag_ids=np.full((batch, seq), -100, np.int32))
     tags = dict(common, task_id=np.ones(batch, np.int32), label=np.full(batch, -100, np.int32),
                 tag_ids=rng.integers(0, NUM_TAGS, (batch, seq)).astype(np.int32))
@@ -94,9 +101,10 @@ def jax_batches(batch: int, seq: int, vocab: int) -> list[dict]:
 def bench_jax(setup, batch: int, seq: int, vocab: int, steps: int, warmup: int) -> dict:
     import jax
 
-    model, state, train_step = setup
-    batches = [jax.device_put(b) for b in jax_batches(batch, seq, vocab)]
-    rng = jax.random.PRNGKey(1)
+    model, state, strategy = setup
+    train_step = strategy.train_step
+    batches = [strategy.place_batch(b) for b in jax_batches(batch, seq, vocab)]
+    rng = strategy.place_rng(jax.random.PRNGKey(1))
     t0 = time.perf_counter()
     for i in range(max(warmup, 2)):  # the first call compiles; both tasks share one shape
         state, metrics = train_step(state, batches[i % 2], rng)
@@ -136,19 +144,21 @@ def measure(preset: str, steps: int, warmup: int, model_dir: str = "") -> list[d
     labels = setup[0].param_labels(setup[1].params)
     n = flops.non_embedding_params(setup[1].params, labels)
     peak = flops.device_peak_flops()
-    common = dict(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform, preset=preset,
-                  model=shape_name, dtype=dtype, attention=attention, non_embedding_params=n,
-                  params=params,
+    common = dict(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
+                  preset=preset, model=shape_name, dtype=dtype, attention=attention,
+                  non_embedding_params=n, params=params,
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   host=platform.node(), cpu_count=os.cpu_count(), steps=steps, warmup=warmup)
     rows = []
     for batch, seq in points:
-        per_example = flops.train_flops_per_example(n, shape["num_layers"], shape["hidden_size"], seq)
+        per_example = flops.train_flops_per_example(n, shape["num_layers"], shape["hidden_size"],
+                                                    seq)
         torch_rows = {}
         for variant in torch_variants:
             r = torch_baseline.bench_torch(shape, batch, seq, steps=steps, warmup=warmup,
                                            compile=variant == "compile", device=device,
-                                           bf16=dtype == "bfloat16", num_classes=NUM_CLASSES, num_tags=NUM_TAGS)
+                                           bf16=dtype == "bfloat16", num_classes=NUM_CLASSES,
+                                           num_tags=NUM_TAGS)
             torch_rows[variant] = r
         ours, state = bench_jax(setup, batch, seq, shape["vocab_size"], steps, warmup)
         setup = (setup[0], state, setup[2])  # the old state was donated
@@ -167,17 +177,21 @@ def measure(preset: str, steps: int, warmup: int, model_dir: str = "") -> list[d
 
 def table(path: pathlib.Path = RESULTS, last: int = 0) -> str:
     """A markdown table of the results file (newest last; ``last`` > 0 keeps that many rows)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.exists() else [])
     rows = rows[-last:] if last else rows
-    head = "| date | device | framework | model | batch | seq | dtype | examples/s | tokens/s | MFU | compile s | peak MiB | mtl_jax / torch eager | mtl_jax / torch.compile |"
+    head = ("| date | device | framework | model | batch | seq | dtype | examples/s | tokens/s "
+            "| MFU | compile s | peak MiB | mtl_jax / torch eager | mtl_jax / torch.compile |")
     lines = [head, "|" + " --- |" * 4 + " ---: |" * 10]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         peak = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2 ** 20
-        lines.append(f"| {r['date'][:16]} | {r['device']} | {r['framework']} | {r['model']} | {r['batch']} | "
-                     f"{r['seq']} | {r['dtype']} | {r['examples_s']:.1f} | {r['tokens_s']:,.0f} | "
-                     f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('compile_s'), '.1f')} | {fmt(peak, ',.0f')} | "
-                     f"{fmt(r.get('ratio_vs_torch_eager'), '.2f')} | {fmt(r.get('ratio_vs_torch_compile'), '.2f')} |")
+        lines.append(f"| {r['date'][:16]} | {r['device']} | {r['framework']} | {r['model']} | "
+                     f"{r['batch']} | {r['seq']} | {r['dtype']} | {r['examples_s']:.1f} | "
+                     f"{r['tokens_s']:,.0f} | {fmt(r.get('mfu'), '.1%')} | "
+                     f"{fmt(r.get('compile_s'), '.1f')} | {fmt(peak, ',.0f')} | "
+                     f"{fmt(r.get('ratio_vs_torch_eager'), '.2f')} | "
+                     f"{fmt(r.get('ratio_vs_torch_compile'), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -186,7 +200,8 @@ def update_readme(readme: pathlib.Path = REPO / "bench" / "README.md") -> None:
     begin, end = "<!-- train_step:begin -->", "<!-- train_step:end -->"
     text = readme.read_text()
     if begin not in text or end not in text:
-        raise SystemExit(f"error: {readme} lacks the {begin} / {end} markers; add them where the table goes")
+        raise SystemExit(f"error: {readme} lacks the {begin} / {end} markers; "
+                         f"add them where the table goes")
     head, rest = text.split(begin, 1)
     readme.write_text(head + begin + "\n" + table() + "\n" + end + rest.split(end, 1)[1])
 
@@ -196,11 +211,14 @@ def main():
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--note", default="", help="free text stored with each row (e.g. 'shared CPU')")
-    parser.add_argument("--model_dir", default="", help="HF directory whose tokenizer sets the vocabulary "
+    parser.add_argument("--note", default="",
+                        help="free text stored with each row (e.g. 'shared CPU')")
+    parser.add_argument("--model_dir", default="",
+                        help="HF directory whose tokenizer sets the vocabulary "
                         "(default: the embedded MiniLM; a lent GPU machine lacks that package)")
     parser.add_argument("--table", action="store_true", help="print the results table and exit")
-    parser.add_argument("--update_readme", action="store_true", help="also rewrite bench/README.md's table")
+    parser.add_argument("--update_readme", action="store_true",
+                        help="also rewrite bench/README.md's table")
     args = parser.parse_args()
     if not args.table:
         if args.preset == "cpu":

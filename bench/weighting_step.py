@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs.base import get_base_config  # noqa: E402
 from mtl_jax.models import multitask  # noqa: E402
 from mtl_jax.tasks.spec import TaskSpec  # noqa: E402
-from mtl_jax.training import sharding, state as state_lib, step as step_lib  # noqa: E402
+from mtl_jax.training import parallel, sharding, state as state_lib  # noqa: E402
 from mtl_jax.training.weighting import WEIGHTINGS  # noqa: E402
 
 SPECS = [TaskSpec("a", "sequence_classification", 2, 0),
@@ -48,7 +48,8 @@ def stacked_batch(batch, length, seed=0):
     return {"input_ids": ids, "attention_mask": np.ones_like(ids),
             "token_type_ids": np.zeros_like(ids),
             "task_id": np.repeat(np.arange(T, dtype=np.int32)[:, None], b, 1),
-            "weight": np.ones((T, b), np.float32), "label": r.randint(0, 2, (T, b)).astype(np.int32),
+            "weight": np.ones((T, b), np.float32),
+            "label": r.randint(0, 2, (T, b)).astype(np.int32),
             "target": np.zeros((T, b), np.float32), "tag_ids": np.full_like(ids, -100),
             "start_positions": zeros, "end_positions": zeros}
 
@@ -58,11 +59,13 @@ def build(name, devices, batch):
     c = make_config(name, devices)
     model = multitask.build_model(c, SPECS)
     mesh = sharding.make_mesh(c, jax.devices()[:devices])
-    box = [state_lib.create_train_state(model, model.init_params(jax.random.PRNGKey(0)), c,
-                                        1000, mesh=mesh)]
-    train_step = step_lib.build_train_step(model, c, mesh)
-    batch = sharding.shard_batch(batch, mesh)
-    rng = jax.random.PRNGKey(1)
+    params = model.init_params(jax.random.PRNGKey(0))
+    strategy = parallel.build(model, c, mesh,
+                              state_lib.abstract_train_state(model, params, c, 1000))
+    box = [strategy.init_state(params)]
+    train_step = strategy.train_step
+    batch = strategy.place_batch(batch)
+    rng = strategy.place_rng(jax.random.PRNGKey(1))
 
     def run():
         box[0], m = train_step(box[0], batch, rng)

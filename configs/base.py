@@ -58,7 +58,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.peft.kind = "none"  # none | prefix | adapter | lora
     c.peft.prefix_length = 16
     # Reparameterisation MLP width (folded away for inference). 128 keeps the trainable share of
-    # MiniLM under 3% with 4 tasks (512 would be ~10%: the MLP's output layer is width x layers*2*d).
+    # MiniLM under 3% with 4 tasks (512 would be ~10%: the MLP's output layer is
+    # width x layers*2*d).
     c.peft.prefix_hidden = 128
     c.peft.adapter_kind = "houlsby"  # houlsby (after attention and FFN) | pfeiffer (after FFN)
     c.peft.adapter_size = 64

@@ -1,6 +1,7 @@
 """MiniLM (all-MiniLM-L6-v2), hard sharing: SST-2 + CoLA + RTE + CoNLL-2003 from ../shared/data.
 
-  python -m mtl_jax.main --config=configs/bert_multitask.py --workdir=/tmp/mtl    # ~15 min, 2 CPU cores
+  python -m mtl_jax.main --config=configs/bert_multitask.py --workdir=/tmp/mtl
+                                               # ~15 min, 2 CPU cores
   --config=configs/bert_multitask.py:full      the full schedule (~3 epochs of the mixture)
   --config=configs/bert_multitask.py:tiny      random 2-layer encoder, hidden 32, 64 examples a task
 Args are comma-separated (``:tiny`` / ``:full``). The other BERT configs start from this one.

@@ -44,7 +44,8 @@ PEFT_LR = 1e-3
 
 
 def parse_args(arg) -> dict:
-    """``"tiny,tasks=sst2+rte,epochs=1"`` -> {"tiny": True, "tasks": ("sst2", "rte"), "epochs": 1}."""
+    """``"tiny,tasks=sst2+rte,epochs=1"`` ->
+    {"tiny": True, "tasks": ("sst2", "rte"), "epochs": 1}."""
     out = dict(tiny=False, tasks=TASKS, epochs=EPOCHS)
     for part in (a for a in (arg or "").split(",") if a):
         key, _, value = part.partition("=")
@@ -55,8 +56,8 @@ def parse_args(arg) -> dict:
         elif key == "epochs" and value.isdigit() and int(value) > 0:
             out["epochs"] = int(value)
         else:
-            raise UserError(f"bad config arg {part!r}; use tiny, tasks=NAME+NAME (of {'+'.join(TASKS)}) "
-                            f"or epochs=N")
+            raise UserError(f"bad config arg {part!r}; use tiny, "
+                            f"tasks=NAME+NAME (of {'+'.join(TASKS)}) or epochs=N")
     unknown = [t for t in out["tasks"] if t not in TASKS]
     if unknown:
         raise UserError(f"config arg tasks= names unknown task {unknown[0]!r}; use a '+'-list of "
@@ -116,7 +117,8 @@ def get_config(arg=None):
         c.tasks[name] = presets.local_task(name, DATA_DIR, max_length=128,
                                            max_train_examples=MAX_TRAIN.get(name, 0))
     c.data.buckets = (32, 64, 128)
-    c.data.batch_mode = "homogeneous"  # soft sharing runs one task's encoder per batch; same for all
+    # Soft sharing runs one task's encoder per batch; same for all.
+    c.data.batch_mode = "homogeneous"
     c.data.sampler = "proportional"
     c.sharing.mode = "hard"
     c.peft.kind = "none"
@@ -136,7 +138,7 @@ def get_config(arg=None):
     c.train.eval_every = max(1, steps // EVALS_PER_RUN)
     c.train.checkpoint_every = c.train.eval_every
 
-    # --- the comparison driver (mtl_jax/compare.py); the training job ignores this section ---
+    # --- the comparison driver (mtl_jax/compare/); the training job ignores this section ---
     c.compare = ml_collections.ConfigDict()
     c.compare.args = format_args(args)  # this config's own :arg, reused for the child runs
     c.compare.setups = SETUPS  # comma-separated; "single" = one single-task run per task

@@ -1,7 +1,8 @@
 """MiniLM, soft sharing: one encoder per task (all from the same weights) tied by an L2 penalty.
 
-Batches are task-homogeneous so each step runs one task's encoder (see mtl_jax/models/soft_sharing.py
-for the cost of mixed batches). Same tasks and schedule as bert_multitask.py (args tiny / full).
+Batches are task-homogeneous so each step runs one task's encoder (see
+mtl_jax/models/soft_sharing.py for the cost of mixed batches). Same tasks and schedule as
+bert_multitask.py (args tiny / full).
 """
 import pathlib
 import sys

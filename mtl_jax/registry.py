@@ -5,7 +5,7 @@ config is one clear line instead of a KeyError deep inside a step.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+from typing import Dict, Generic, Iterator, TypeVar
 
 from mtl_jax.errors import UserError
 

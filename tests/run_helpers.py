@@ -70,8 +70,8 @@ def tiny_config(root, tasks=("sent", "ner"), hidden: int = 32):
     for name in tasks:
         fields = dict(TASKS[name])
         c.tasks[name] = task_definition(
-            max_length=32, data={s: str(data / name / f"{s}.jsonl") for s in ("train", "validation")},
-            **fields)
+            max_length=32,
+            data={s: str(data / name / f"{s}.jsonl") for s in ("train", "validation")}, **fields)
     c.model.random_init = True
     c.model.family = "bert"
     c.model.size.update(dict(hidden_size=hidden, num_layers=2, num_heads=4,
@@ -86,7 +86,9 @@ def tiny_config(root, tasks=("sent", "ner"), hidden: int = 32):
     return c
 
 
-CONFIG_FILE = '''"""Test config: tests/run_helpers.tiny_config in {root}; arg = comma-separated tasks."""
+CONFIG_FILE = '''"""Test config: tests/run_helpers.tiny_config in {root}.
+
+arg: comma-separated tasks."""
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from run_helpers import tiny_config
@@ -112,13 +114,17 @@ def main_env(devices: int = 8, cache_dir=None, **extra) -> dict:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env.pop("MTL_JAX_TEST_PAUSE_AT_STEP", None)
     env.update(extra)
     return env
 
 
 def main_command(*args) -> list[str]:
     return [sys.executable, "-m", "mtl_jax.main", *args]
+
+
+def pausing_command(step: int, *args) -> list[str]:
+    """``main_command(*args)`` that waits after ``step`` until a signal (tests/pausing_main.py)."""
+    return [sys.executable, str(TESTS / "pausing_main.py"), f"--pause_at_step={step}", *args]
 
 
 def run_main(*args, devices: int = 8, env=None, stdin=None, timeout=120):

@@ -1,4 +1,5 @@
-"""bench/train_step.py: both sides train the same model, rows carry what the issue asks, ratios add up.
+"""bench/train_step.py: both sides train the same model, rows carry what the issue asks,
+ratios add up.
 
 A tiny BERT shape (the vocabulary stays MiniLM's: the benchmark takes it from the tokenizer); the
 figures themselves are benchmarks, never asserted here.
@@ -18,8 +19,8 @@ train_step = pytest.importorskip("train_step")
 torch_baseline = pytest.importorskip("torch_baseline")
 
 TINY = dict(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-ROW_KEYS = {"device", "framework", "model", "batch", "seq", "dtype", "examples_s", "tokens_s", "mfu",
-            "date", "versions", "compile_s", "params", "non_embedding_params"}
+ROW_KEYS = {"device", "framework", "model", "batch", "seq", "dtype", "examples_s", "tokens_s",
+            "mfu", "date", "versions", "compile_s", "params", "non_embedding_params"}
 
 
 @pytest.fixture
@@ -39,7 +40,8 @@ def test_rows_have_the_fields_and_ratio(tiny_preset):
         assert (r["batch"], r["seq"], r["dtype"], r["model"]) == (4, 16, "float32", "tiny")
         assert r["tokens_s"] == pytest.approx(r["examples_s"] * 16)
         assert r["mfu"] is None  # no known peak for a CPU
-    assert ours["ratio_vs_torch_eager"] == pytest.approx(ours["examples_s"] / torch_row["examples_s"])
+    assert ours["ratio_vs_torch_eager"] == pytest.approx(
+        ours["examples_s"] / torch_row["examples_s"])
     assert ours["versions"]["jax_version"] and torch_row["versions"]["torch_version"]
     # Non-embedding parameters of a 2-layer BERT (hidden 32, MLP 64), heads and pooler, by hand.
     layer = 4 * (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 2 * 32
@@ -63,8 +65,8 @@ def test_a_parameter_mismatch_stops_the_benchmark(tiny_preset, monkeypatch):
 
 def test_model_dir_supplies_the_vocabulary(minilm_path, tmp_path):
     """What bench/device_bundle.sh carries to a GPU machine: tokenizer + config, no weights."""
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt"):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt"):
         shutil.copy(minilm_path / name, tmp_path / name)
     model, _, _ = train_step.jax_setup(TINY, "float32", "xla", model_dir=str(tmp_path))
     assert model.encoder_config.vocab_size == 30522
@@ -76,10 +78,12 @@ def test_table_shows_each_row(tmp_path):
                   dtype="float32", mfu=None, compile_s=1.0)
     path.write_text("\n".join(json.dumps(r) for r in [
         dict(common, framework="torch_eager", examples_s=10.0, tokens_s=160.0),
-        dict(common, framework="mtl_jax", examples_s=5.0, tokens_s=80.0, ratio_vs_torch_eager=0.5)]))
+        dict(common, framework="mtl_jax", examples_s=5.0, tokens_s=80.0,
+             ratio_vs_torch_eager=0.5)]))
     lines = train_step.table(path).splitlines()
     assert len(lines) == 4
-    assert lines[3].startswith("| 2026-11-30T01:23 | cpu | mtl_jax | tiny | 4 | 16 | float32 | 5.0 | 80 |")
+    assert lines[3].startswith(
+        "| 2026-11-30T01:23 | cpu | mtl_jax | tiny | 4 | 16 | float32 | 5.0 | 80 |")
     assert lines[3].endswith("| 0.50 | - |")
 
 

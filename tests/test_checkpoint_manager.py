@@ -155,7 +155,8 @@ def test_corrupt_latest_falls_back_to_previous_with_one_warning(tmp_path, capsys
     restored = ckpt.restore_latest(make_state())
     assert restored.step == 2 and restored.data_state == {"position": 2}
     assert_same_values(restored.state, make_state(seed=2, step=2))
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning:")]
     assert len(warnings) == 1, warnings
     assert "checkpoints/3 is unreadable (" in warnings[0] and "<bound method" not in warnings[0]
     # The broken step is moved aside, so the resumed run can write step 3 again.

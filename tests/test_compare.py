@@ -1,4 +1,4 @@
-"""mtl_jax.compare: the setup plan, the resume logic (fake launcher) and the report from fake runs."""
+"""mtl_jax.compare: the setup plan, the resume logic (fake launcher), the report from fake runs."""
 import json
 import os
 import pathlib
@@ -56,8 +56,9 @@ def test_bad_config_args_are_user_errors(shared_data):
 
 def test_plan_has_every_setup_with_its_overrides(tiny):
     setups = {s.name: s for s in compare.plan(tiny, ["optim.lr=3e-5,5e-5"])}
-    assert list(setups) == ["single_sst2", "single_cola", "single_rte", "single_conll2003", "hard", "soft",
-                            "prefix", "adapters", "lora", "hard_optim.lr=3e-05", "hard_optim.lr=5e-05"]
+    assert list(setups) == ["single_sst2", "single_cola", "single_rte", "single_conll2003",
+                            "hard", "soft", "prefix", "adapters", "lora",
+                            "hard_optim.lr=3e-05", "hard_optim.lr=5e-05"]
     all_tasks = ("sst2", "cola", "rte", "conll2003")
     for task in all_tasks:
         assert setups[f"single_{task}"].tasks == (task,)
@@ -65,7 +66,8 @@ def test_plan_has_every_setup_with_its_overrides(tiny):
     assert setups["soft"].overrides == {"sharing.mode": "soft", "peft.kind": "none",
                                         "data.batch_mode": "homogeneous"}
     for name, kind in [("prefix", "prefix"), ("adapters", "adapter"), ("lora", "lora")]:
-        assert setups[name].overrides == {"sharing.mode": "hard", "peft.kind": kind, "optim.lr": 1e-3}
+        assert setups[name].overrides == {"sharing.mode": "hard", "peft.kind": kind,
+                                          "optim.lr": 1e-3}
         assert setups[name].tasks == all_tasks
     assert setups["hard_optim.lr=3e-05"].sweep == ("optim.lr", 3e-5)
 
@@ -73,9 +75,11 @@ def test_plan_has_every_setup_with_its_overrides(tiny):
 def test_child_command_orders_setup_then_user_then_sweep(tiny):
     setups = {s.name: s for s in compare.plan(tiny, ["optim.lr=3e-5"])}
     user = {"optim.lr": 2e-5, "train.log_every": 7}
-    cmd = compare.child_command(setups["single_rte"], "/r/configs/compare.py", tiny.compare.args, "/w/single_rte", user)
-    assert cmd[1:] == ["-m", "mtl_jax.main", "--config=/r/configs/compare.py:tiny,tasks=rte", "--workdir=/w/single_rte",
-                       "--config.optim.lr=2e-05", "--config.peft.kind=none", "--config.sharing.mode=hard",
+    cmd = compare.child_command(setups["single_rte"], "/r/configs/compare.py", tiny.compare.args,
+                                "/w/single_rte", user)
+    assert cmd[1:] == ["-m", "mtl_jax.main", "--config=/r/configs/compare.py:tiny,tasks=rte",
+                       "--workdir=/w/single_rte", "--config.optim.lr=2e-05",
+                       "--config.peft.kind=none", "--config.sharing.mode=hard",
                        "--config.train.log_every=7"]
     # A user override beats the setup's PEFT lr; the sweep value beats the user's override.
     assert compare.merged_overrides(setups["lora"], user)["optim.lr"] == 2e-5
@@ -122,9 +126,13 @@ def test_resume_skips_finished_setups_and_relaunches_half_done_ones(tiny, tmp_pa
     with tiny.unlocked():
         tiny.compare.setups = "single,hard,lora"
     runs = tmp_path / "runs"
-    write_results(str(runs / "single_sst2"), {"sst2": {"accuracy": 0.9}}, final_step=4)  # finished earlier
+    # finished earlier
+    write_results(str(runs / "single_sst2"), {"sst2": {"accuracy": 0.9}}, final_step=4)
     fake = FakeLauncher(fail={"lora"})
-    count = lambda c: (7, 70)  # noqa: E731  # no model building in this test
+
+    def count(c):  # no model building in this test
+        return 7, 70
+
     statuses = compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), launch=fake,
                                       count_params=count, log=lambda s: None)
     assert fake.launched == ["single_cola", "single_rte", "single_conll2003", "hard", "lora"]
@@ -142,16 +150,18 @@ def test_resume_skips_finished_setups_and_relaunches_half_done_ones(tiny, tmp_pa
     assert json.loads((runs / "lora" / "compare.json").read_text())["launches"] == 2
     assert (tmp_path / "report.md").is_file()
 
-    (runs / "hard" / "results.json").unlink()  # half-done again, but now launched with other settings
+    # half-done again, but now launched with other settings
+    (runs / "hard" / "results.json").unlink()
     with pytest.raises(UserError, match="was started with other settings"):
         compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), {"optim.lr": 1e-4},
                                launch=fake, count_params=count, log=lambda s: None)
 
 
 def test_sigterm_to_the_driver_reaches_the_job_and_stops_the_driver(tmp_path):
-    """The real launcher: the job gets the SIGTERM (and "checkpoints"), the driver raises Stopped."""
+    """The real launcher: the job gets SIGTERM (and "checkpoints"), the driver raises Stopped."""
     job = ("import signal, sys, time\n"
-           "signal.signal(signal.SIGTERM, lambda *a: (print('checkpoint saved', flush=True), sys.exit(0)))\n"
+           "signal.signal(signal.SIGTERM,"
+           " lambda *a: (print('checkpoint saved', flush=True), sys.exit(0)))\n"
            "print('training', flush=True)\n"
            "time.sleep(60)\n")
     log = tmp_path / "compare.log"
@@ -209,26 +219,29 @@ def fake_run(root, name, final, best=None, facts=None, events=(), extra=None):
 
 def test_report_table_rows_mean_and_plots(tmp_path):
     runs = tmp_path / "runs"
-    fake_run(runs, "hard", {"sst2": {"accuracy": 0.9, "loss": 3.0}, "cola": {"matthews_corrcoef": 0.4},
+    fake_run(runs, "hard", {"sst2": {"accuracy": 0.9, "loss": 3.0},
+                            "cola": {"matthews_corrcoef": 0.4},
                             "rte": {"accuracy": 0.6}, "conll2003": {"f1": 0.8, "precision": 0.1}},
              best={"sst2": {"accuracy": 0.92}, "cola": {"matthews_corrcoef": 0.44},
                    "rte": {"accuracy": 0.64}, "conll2003": {"f1": 0.8}},
              facts={"trainable_params": 22_718_991, "wall_s": 600.0},
-             events=[{"step": 10, "train/examples_per_s": 100.0}, {"step": 20, "train/examples_per_s": 300.0},
+             events=[{"step": 10, "train/examples_per_s": 100.0},
+                     {"step": 20, "train/examples_per_s": 300.0},
                      {"step": 30, "train/examples_per_s": 200.0, "eval/sst2/accuracy": 0.8},
                      {"step": 60, "eval/sst2/accuracy": 0.9, "eval/rte/accuracy": 0.6}])
-    fake_run(runs, "single_sst2", {"sst2": {"accuracy": 0.91}}, facts={"trainable_params": 2e6, "wall_s": 60.0},
-             extra={"examples_per_s": 50.0})
-    fake_run(runs, "single_cola", {"cola": {"matthews_corrcoef": 0.5}}, facts={"trainable_params": 3e6, "wall_s": 180.0},
-             extra={"examples_per_s": 10.0})
+    fake_run(runs, "single_sst2", {"sst2": {"accuracy": 0.91}},
+             facts={"trainable_params": 2e6, "wall_s": 60.0}, extra={"examples_per_s": 50.0})
+    fake_run(runs, "single_cola", {"cola": {"matthews_corrcoef": 0.5}},
+             facts={"trainable_params": 3e6, "wall_s": 180.0}, extra={"examples_per_s": 10.0})
     fake_run(runs, "lora", {"sst2": {"accuracy": 0.85}}, facts={})  # a partial run: no mean
     (runs / "soft").mkdir()  # not finished: no row
-    fake_run(tmp_path / "reference", "rte", {"rte": {"accuracy": 0.7}}, extra={"trainable_params": 1e6,
-                                                                              "wall_s": 30.0, "examples_per_s": 8.0})
-    path = compare.write_report(str(tmp_path), METRICS, ["single_sst2", "single_cola", "hard", "lora"])
+    fake_run(tmp_path / "reference", "rte", {"rte": {"accuracy": 0.7}},
+             extra={"trainable_params": 1e6, "wall_s": 30.0, "examples_per_s": 8.0})
+    path = compare.write_report(str(tmp_path), METRICS,
+                                ["single_sst2", "single_cola", "hard", "lora"])
     text = pathlib.Path(path).read_text()
-    head = ("| setup | sst2 accuracy | cola matthews_corrcoef | rte accuracy | conll2003 f1 | mean | "
-            "trainable params | wall time | examples/s |")
+    head = ("| setup | sst2 accuracy | cola matthews_corrcoef | rte accuracy | conll2003 f1 "
+            "| mean | trainable params | wall time | examples/s |")
     # mean of hard = (90 + 40 + 60 + 80) / 4 = 67.5; examples/s = median(100, 300, 200) = 200.
     # single-task (all): params 2M + 3M, wall 60 + 180 s = 4.0 min,
     # examples/s = (50 * 60 + 10 * 180) / 240 = 20.
@@ -242,18 +255,21 @@ def test_report_table_rows_mean_and_plots(tmp_path):
         "| HF PyTorch single-task (reference) | - | - | 70.00 | - | - | 1M | 0.5 min | 8.0 |",
     ])
     assert expected in text
-    assert "| hard | 92.00 | 44.00 | 64.00 | 80.00 | 70.00 | 22.7M | 10.0 min | 200.0 |" in text  # best table
+    # the best table
+    assert "| hard | 92.00 | 44.00 | 64.00 | 80.00 | 70.00 | 22.7M | 10.0 min | 200.0 |" in text
     rows = {r.name: r for r in compare.collect_rows(str(tmp_path), METRICS)}
     assert rows["hard"].curves == {"sst2": [(30, 0.8), (60, 0.9)], "rte": [(60, 0.6)]}
     # final_step 100 (fake_run): step 30 is 30 % of the run.
     assert rows["hard"].progress == {"sst2": [(0.3, 0.8), (0.6, 0.9)], "rte": [(0.6, 0.6)]}
     assert "![validation curves by progress](validation_curves_by_progress.png)" in text
     # Order: single_sst2 C0, single_cola C1, single-task (all) C2, hard C3, lora C4, reference C5.
-    ordered = compare.collect_rows(str(tmp_path), METRICS, ["single_sst2", "single_cola", "hard", "lora"])
+    ordered = compare.collect_rows(str(tmp_path), METRICS,
+                                   ["single_sst2", "single_cola", "hard", "lora"])
     fake_run(runs, "single_cola", {"cola": {"matthews_corrcoef": 0.5}}, facts={}, events=[
         {"step": 20, "eval/cola/matthews_corrcoef": 0.3}])
     ordered[1] = compare.load_run(str(runs / "single_cola"), "single_cola", METRICS)
-    assert compare.curve_series(ordered, "cola", by_progress=True) == [("single-task (all)", "C2", [(0.2, 0.3)])]
+    assert compare.curve_series(ordered, "cola", by_progress=True) == [
+        ("single-task (all)", "C2", [(0.2, 0.3)])]
     assert compare.curve_series(ordered, "sst2") == [("hard", "C3", [(30, 0.8), (60, 0.9)])]
     for png in (compare.BAR_PLOT, compare.CURVE_PLOT, compare.PROGRESS_PLOT):
         data = (tmp_path / png).read_bytes()
@@ -265,9 +281,10 @@ def test_report_table_rows_mean_and_plots(tmp_path):
 @pytest.mark.skipif(not (REPO / "mtl_jax" / "training" / "runner.py").exists(),
                     reason="mtl_jax.main does not train yet (no mtl_jax/training/runner.py)")
 def test_compare_end_to_end_tiny(shared_data, tmp_path):
-    """Two tiny setups on RTE through real `python -m mtl_jax.main` subprocesses, then the report."""
-    cmd = [sys.executable, "-m", "mtl_jax.compare", "--config=configs/compare.py:tiny,tasks=rte,epochs=1",
-           f"--workdir={tmp_path}", "--config.compare.setups=single,lora", "--config.eval.batch_size=32"]
+    """Two tiny setups on RTE through real `python -m mtl_jax.main` subprocesses, then a report."""
+    cmd = [sys.executable, "-m", "mtl_jax.compare",
+           "--config=configs/compare.py:tiny,tasks=rte,epochs=1", f"--workdir={tmp_path}",
+           "--config.compare.setups=single,lora", "--config.eval.batch_size=32"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for setup in ("single_rte", "lora"):
@@ -283,7 +300,8 @@ def test_compare_end_to_end_tiny(shared_data, tmp_path):
 
 def test_publish_copies_finished_runs_and_writes_the_report_beside_them(tmp_path):
     work = tmp_path / "work"
-    hard = fake_run(work / "runs", "hard", {"sst2": {"accuracy": 0.9}}, facts={"trainable_params": 5e6, "wall_s": 60.0},
+    hard = fake_run(work / "runs", "hard", {"sst2": {"accuracy": 0.9}},
+                    facts={"trainable_params": 5e6, "wall_s": 60.0},
                     events=[{"step": 10, "eval/sst2/accuracy": 0.8}])
     (hard / "checkpoints").mkdir()
     (hard / "checkpoints" / "big.bin").write_bytes(b"x" * 100)
@@ -296,8 +314,8 @@ def test_publish_copies_finished_runs_and_writes_the_report_beside_them(tmp_path
     path = compare.publish(str(work), str(dest), {"sst2": "accuracy"}, ["hard", "soft"])
     assert path == str(tmp_path / "docs" / "results.md")
     assert sorted(p.name for p in (dest / "runs").iterdir()) == ["hard"]
-    assert sorted(p.name for p in (dest / "runs" / "hard").iterdir()) == ["compare.json", "metrics.jsonl",
-                                                                          "results.json", "results.md"]
+    assert sorted(p.name for p in (dest / "runs" / "hard").iterdir()) == [
+        "compare.json", "metrics.jsonl", "results.json", "results.md"]
     assert (dest / "reference" / "sst2" / "results.json").exists()
     text = pathlib.Path(path).read_text()
     assert text.index("Made by `python -m mtl_jax.compare") < text.index("| hard | 90.00 |")
@@ -315,7 +333,8 @@ def test_publish_copies_finished_runs_and_writes_the_report_beside_them(tmp_path
 def _hf_reference():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("hf_reference", REPO / "bench" / "hf_reference.py")
+    spec = importlib.util.spec_from_file_location("hf_reference",
+                                                  REPO / "bench" / "hf_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -336,8 +355,8 @@ def test_reference_schedule_is_mtl_jax_linear_schedule():
 
 def test_reference_script_trains_writes_results_and_resumes(shared_data, minilm_path, tmp_path):
     """bench/hf_reference.py on the real MiniLM, 2 steps of RTE and CoNLL-2003 (tiny data caps)."""
-    cmd = [sys.executable, "bench/hf_reference.py", f"--workdir={tmp_path}", "--tasks=rte,conll2003",
-           "--tiny_data", "--max_steps=2"]
+    cmd = [sys.executable, "bench/hf_reference.py", f"--workdir={tmp_path}",
+           "--tasks=rte,conll2003", "--tiny_data", "--max_steps=2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for task, metric in (("rte", "accuracy"), ("conll2003", "f1")):
@@ -345,7 +364,8 @@ def test_reference_script_trains_writes_results_and_resumes(shared_data, minilm_
         assert results["final_step"] == 2 and 0.0 <= results["final"][task][metric] <= 1.0
         assert results["trainable_params"] > 22_000_000  # the whole MiniLM + head trains
     module = _hf_reference()
-    assert not module.finished(str(tmp_path / "reference" / "rte"))  # 2 steps are not the protocol's
+    # 2 steps are not the protocol's
+    assert not module.finished(str(tmp_path / "reference" / "rte"))
     results = json.loads((tmp_path / "reference" / "rte" / "results.json").read_text())
     results["final_step"] = results["protocol_steps"]
     (tmp_path / "reference" / "rte" / "results.json").write_text(json.dumps(results))

@@ -1,6 +1,6 @@
-"""The real datasets in ../shared/data: SST-2 and CoNLL-2003 validation load, tokenize and score."""
+"""The real datasets in ../shared/data: SST-2 and CoNLL-2003 validation load, tokenize and
+score."""
 import numpy as np
-import pytest
 import transformers
 
 from configs.base import get_base_config
@@ -16,7 +16,8 @@ def test_sst2_and_conll2003_validation(shared_data, minilm_path, tmp_path):
     config.tasks.sst2 = presets.local_task("sst2", str(shared_data))
     config.tasks.conll2003 = presets.local_task("conll2003", str(shared_data))
     run = build_data(config, tokenizer, splits=("validation",))
-    assert [(s.name, s.index, s.num_labels) for s in run.specs] == [("conll2003", 0, 9), ("sst2", 1, 2)]
+    assert ([(s.name, s.index, s.num_labels) for s in run.specs]
+            == [("conll2003", 0, 9), ("sst2", 1, 2)])
     sst2, conll = run.split("sst2"), run.split("conll2003")
     assert len(sst2.examples) == 872 and len(conll.examples) == 3250  # README split counts
     assert np.bincount(sst2.features.arrays["label"]).tolist() == [428, 444]
@@ -29,7 +30,8 @@ def test_sst2_and_conll2003_validation(shared_data, minilm_path, tmp_path):
     metrics, report = evaluate_task(sst2, gold_labels, batch_size=64)
     assert metrics == {"accuracy": 1.0} and "positive" in report
 
-    def gold_tags(batch):  # one-hot of the gold tags at labelled positions: truncation is the only loss
+    # One-hot of the gold tags at labelled positions: truncation is the only loss.
+    def gold_tags(batch):
         return np.eye(9)[np.maximum(batch["tag_ids"], 0)]
 
     metrics, report = evaluate_task(conll, gold_tags, batch_size=64)

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mtl_jax.checkpoints.hf import load_encoder, load_tokenizer, stack_layers  # noqa: E402
+from mtl_jax.checkpoints.hf import load_encoder, stack_layers  # noqa: E402
 from mtl_jax.models.encoder import build_encoder  # noqa: E402
 from mtl_jax.models.attention import Prefix  # noqa: E402
 from mtl_jax.models.bert import pool  # noqa: E402
+from mtl_jax.text.tokenizer import load_tokenizer  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

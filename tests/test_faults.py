@@ -12,12 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-import fault_cases
 from fault_cases import CASES, check_case, make_context, run_case
 from mtl_jax.errors import UserError
 from mtl_jax.training import workdir as workdir_lib
 from mtl_jax.training.metrics_writer import read_metrics
-from run_helpers import REPO, cache_dir_for, main_command, restored_params
+from run_helpers import REPO, cache_dir_for, main_command, pausing_command, restored_params
 
 
 def _chattr_works(tmp) -> bool:
@@ -132,8 +131,9 @@ def test_a_failed_async_save_is_noticed_by_polling_and_exits_4(tmp_path):
     finally:
         subprocess.run(["chattr", "-i", str(tmp_path / "checkpoints")], check=True)
     assert proc.returncode == 4, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"error: checkpoint save at step 1 in .* failed \(PermissionError: .*\); "
-                        r"no checkpoint was committed yet; .*", proc.stderr.strip().splitlines()[-1])
+                        r"no checkpoint was committed yet; .*", last)
 
 
 # --- the soak ----------------------------------------------------------------------------------
@@ -153,9 +153,9 @@ def _soak_plan(seed: int = 0, count: int = 10):
 
 
 def _interrupt(ctx, workdir, step, how):
-    env = ctx.env(**({fault_cases.PAUSE: str(step)} if how != "kill_running" else {}))
-    proc = subprocess.Popen(main_command(f"--config={ctx.config}", f"--workdir={workdir}",
-                                         *SOAK_ARGS), cwd=REPO, env=env,
+    args = (f"--config={ctx.config}", f"--workdir={workdir}", *SOAK_ARGS)
+    command = main_command(*args) if how == "kill_running" else pausing_command(step, *args)
+    proc = subprocess.Popen(command, cwd=REPO, env=ctx.env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:

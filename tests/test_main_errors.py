@@ -107,4 +107,5 @@ def test_ctrl_c_outside_the_loop_is_one_line_exit_130(capsys):
         raise KeyboardInterrupt
     assert exit_info.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["interrupted: checkpoints already in the workdir are kept; rerun the same command to resume"]
+    assert err == ["interrupted: checkpoints already in the workdir are kept; "
+                   "rerun the same command to resume"]

@@ -16,11 +16,16 @@ RNG = np.random.default_rng(0)
 def test_classification_metrics_match_sklearn(num_classes):
     for trial in range(5):
         references = RNG.integers(0, num_classes, size=200)
-        predictions = np.where(RNG.random(200) < 0.6, references, RNG.integers(0, num_classes, size=200))
-        got = metrics.compute_metrics(("accuracy", "f1_macro", "matthews_corrcoef"), predictions, references)
-        assert got["accuracy"] == pytest.approx(sklearn.metrics.accuracy_score(references, predictions))
-        assert got["f1_macro"] == pytest.approx(sklearn.metrics.f1_score(references, predictions, average="macro"))
-        assert got["matthews_corrcoef"] == pytest.approx(sklearn.metrics.matthews_corrcoef(references, predictions))
+        predictions = np.where(RNG.random(200) < 0.6, references,
+                               RNG.integers(0, num_classes, size=200))
+        got = metrics.compute_metrics(("accuracy", "f1_macro", "matthews_corrcoef"), predictions,
+                                      references)
+        assert got["accuracy"] == pytest.approx(
+            sklearn.metrics.accuracy_score(references, predictions))
+        assert got["f1_macro"] == pytest.approx(
+            sklearn.metrics.f1_score(references, predictions, average="macro"))
+        assert got["matthews_corrcoef"] == pytest.approx(
+            sklearn.metrics.matthews_corrcoef(references, predictions))
         if num_classes == 2:
             assert metrics.METRICS.get("f1")(predictions, references)["f1"] == pytest.approx(
                 sklearn.metrics.f1_score(references, predictions))
@@ -83,7 +88,8 @@ def test_correlations_match_scipy():
     ties_x, ties_y = np.round(x), np.round(y * 2) / 2  # many ties: average ranks
     assert metrics.pearson(x, y)["pearson"] == pytest.approx(scipy.stats.pearsonr(x, y)[0])
     assert metrics.spearman(x, y)["spearman"] == pytest.approx(scipy.stats.spearmanr(x, y)[0])
-    assert metrics.spearman(ties_x, ties_y)["spearman"] == pytest.approx(scipy.stats.spearmanr(ties_x, ties_y)[0])
+    assert metrics.spearman(ties_x, ties_y)["spearman"] == pytest.approx(
+        scipy.stats.spearmanr(ties_x, ties_y)[0])
     np.testing.assert_allclose(metrics.average_ranks(ties_x), scipy.stats.rankdata(ties_x))
 
 
@@ -97,9 +103,11 @@ def random_tags(n, scheme_tags):
 ])
 def test_seqeval_matches_library(tags):
     references = random_tags(300, tags)
-    predictions = [[t if RNG.random() < 0.7 else RNG.choice(tags) for t in seq] for seq in references]
+    predictions = [[t if RNG.random() < 0.7 else RNG.choice(tags) for t in seq]
+                   for seq in references]
     got = metrics.seqeval_scores(predictions, references)
-    assert got["precision"] == pytest.approx(seqeval.metrics.precision_score(references, predictions))
+    assert got["precision"] == pytest.approx(
+        seqeval.metrics.precision_score(references, predictions))
     assert got["recall"] == pytest.approx(seqeval.metrics.recall_score(references, predictions))
     assert got["f1"] == pytest.approx(seqeval.metrics.f1_score(references, predictions))
     assert got["accuracy"] == pytest.approx(seqeval.metrics.accuracy_score(references, predictions))
@@ -109,7 +117,8 @@ def test_seqeval_matches_library(tags):
 
 def test_seqeval_hand_computed():
     gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
-    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG", "O"]]  # 2 of 3 predicted entities right, 2 of 3 gold
+    # 2 of 3 predicted entities right, 2 of 3 gold.
+    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG", "O"]]
     got = metrics.seqeval_scores(pred, gold)
     assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
     assert got["accuracy"] == pytest.approx(5 / 6)
@@ -119,7 +128,8 @@ def test_squad_normalization_and_scores_hand_computed():
     assert normalize_answer("The  Denver Broncos!") == "denver broncos"
     assert normalize_answer("an apple, a pear") == "apple pear"
     predictions = ["Denver Broncos", "the Carolina Panthers team", "1990", ""]
-    references = [["The Denver Broncos", "Broncos"], ["Carolina Panthers"], ["in 1990", "1991"], ["x"]]
+    references = [["The Denver Broncos", "Broncos"], ["Carolina Panthers"], ["in 1990", "1991"],
+                  ["x"]]
     got = squad_scores(predictions, references)
     # EM: 1, 0, 0, 0. F1: 1; P=2/3 R=1 -> 0.8; vs "in 1990": P=1 R=1/2 -> 2/3; 0.
     assert got["exact_match"] == pytest.approx(1 / 4)
@@ -127,6 +137,6 @@ def test_squad_normalization_and_scores_hand_computed():
 
 
 def test_metric_registry_and_namespacing():
-    assert {"accuracy", "f1", "f1_macro", "f1_micro", "matthews_corrcoef", "pearson", "spearman", "seqeval",
-            "squad"} <= set(metrics.METRICS.names())
+    assert {"accuracy", "f1", "f1_macro", "f1_micro", "matthews_corrcoef", "pearson", "spearman",
+            "seqeval", "squad"} <= set(metrics.METRICS.names())
     assert namespaced({"accuracy": 0.5}, "rte") == {"eval/rte/accuracy": 0.5}

@@ -3,7 +3,6 @@ import pathlib
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
@@ -92,7 +91,8 @@ def assert_mixed_equals_per_task(model, params, mixed_kwargs=None, single_kwargs
 def test_hard_sharing_outputs_every_head_on_every_example():
     model = tiny_model()
     params = model.init_params(jax.random.key(0))
-    assert set(params) == {"encoder", "heads"} and set(params["heads"]) == {"cls", "reg", "ner", "qa"}
+    assert set(params) == {"encoder", "heads"}
+    assert set(params["heads"]) == {"cls", "reg", "ner", "qa"}
     out = jax.jit(model.apply)(params, make_batch([0, 1, 2, 3] * 2))
     assert {k: v.shape for k, v in out.items()} == {
         "cls": (B, 3), "reg": (B,), "ner": (B, L, 5), "qa": (B, L, 2)}
@@ -118,7 +118,8 @@ def test_task_losses_match_per_task_batches_and_absent_task_is_zero():
         rows = np.flatnonzero((batch["task_id"] == spec.index) & (batch["weight"] > 0))
         rows = np.resize(rows, 3)  # same shape for every task: one compile
         sub = take(batch, rows)
-        sub["weight"] = np.where(np.arange(3) < (batch["task_id"][:7] == spec.index).sum(), 1.0, 0.0)
+        n_real = (batch["task_id"][:7] == spec.index).sum()
+        sub["weight"] = np.where(np.arange(3) < n_real, 1.0, 0.0)
         alone, _, _ = jax.jit(model.task_losses, static_argnames="deterministic")(
             params, sub, None, deterministic=True)
         np.testing.assert_allclose(losses[spec.index], alone[spec.index], rtol=1e-5)

@@ -84,7 +84,9 @@ def test_each_group_own_lr_decay_mask_and_frozen_bit_identical():
         p = optax.apply_updates(p, updates)
 
     def expect(path, lr, wd):
-        get = lambda t: t[path[0]][path[1]][path[2]] if len(path) == 3 else t[path[0]][path[1]]
+        def get(tree):
+            return tree[path[0]][path[1]][path[2]] if len(path) == 3 else tree[path[0]][path[1]]
+
         want = _np_adamw(np.asarray(get(params)), [np.asarray(get(g)) for g in grads], lr, wd)
         np.testing.assert_allclose(np.asarray(get(p)), want, rtol=1e-5, atol=5e-7)
 

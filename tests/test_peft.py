@@ -11,7 +11,7 @@ from mtl_jax.models.encoder import build_encoder
 from mtl_jax.models.prefix import gather_prefix, prefix_table
 from mtl_jax.tasks.spec import TaskSpec
 from test_multitask import (assert_mixed_equals_per_task, jit_apply, load_config,
-                            make_batch, perturb, tiny_model)
+                            make_batch, tiny_model)
 
 B = 8
 
@@ -84,10 +84,12 @@ def test_prefix_table_matches_numpy_mlp_and_folded_prefix_gives_same_outputs():
     p = jax.tree.map(np.asarray, params["prefix"])
     h = np.tanh(p["embedding"] @ p["mlp"]["hidden"]["kernel"] + p["mlp"]["hidden"]["bias"])
     out = np.einsum("tph,hx->tpx", h, p["mlp"]["out"]["kernel"].reshape(16, -1))
-    out = (out + p["mlp"]["out"]["bias"].reshape(-1)).reshape(4, 3, 2, 2, 4, 8)  # T P layers k/v N H
+    # axes: T P layers k/v N H
+    out = (out + p["mlp"]["out"]["bias"].reshape(-1)).reshape(4, 3, 2, 2, 4, 8)
     keys, values = prefix_table(params["prefix"])
     np.testing.assert_allclose(keys, out[:, :, :, 0].transpose(0, 2, 1, 3, 4), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(values, out[:, :, :, 1].transpose(0, 2, 1, 3, 4), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(values, out[:, :, :, 1].transpose(0, 2, 1, 3, 4),
+                               rtol=1e-5, atol=1e-6)
     folded = export.fold_prefix(params)
     assert set(folded["prefix"]) == {"keys", "values"}
     batch = make_batch([3, 2, 1, 0] * 2, seed=7)

@@ -134,9 +134,11 @@ def test_adapter_and_lora_dense_match_numpy():
 
     adapter = Adapter(cfg)
     p = nn.meta.unbox(adapter.init(jax.random.key(0), x, task_ids)["params"])
-    p = jax.tree_util.tree_map(np.asarray, _randomize_peft({"adapter": p}, jax.random.key(1))["adapter"])
+    p = jax.tree_util.tree_map(
+        np.asarray, _randomize_peft({"adapter": p}, jax.random.key(1))["adapter"])
     got = adapter.apply({"params": p}, x, task_ids)
-    down = np.einsum("ble,bes->bls", x, p["down_kernel"][task_ids]) + p["down_bias"][task_ids][:, None]
+    down = (np.einsum("ble,bes->bls", x, p["down_kernel"][task_ids])
+            + p["down_bias"][task_ids][:, None])
     up = np.einsum("bls,bse->ble", np.maximum(down, 0), p["up_kernel"][task_ids])
     np.testing.assert_allclose(got, x + up + p["up_bias"][task_ids][:, None], atol=1e-5)
 

@@ -62,7 +62,8 @@ def test_classification_labels_with_probabilities(trained, capsys, tmp_path):
     out = predict(trained, "sent", records, capsys, tmp_path)
     logits = head_outputs(run, params, "sent", encode(run, [r["sentence"] for r in records]))
     expected = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    assert [sorted(o) for o in out] == [["id", "label", "probabilities"], ["label", "probabilities"]]
+    assert [sorted(o) for o in out] == [["id", "label", "probabilities"],
+                                        ["label", "probabilities"]]
     assert out[0]["id"] == "a"
     for o, p in zip(out, expected):
         assert list(o["probabilities"]) == ["neg", "pos"]

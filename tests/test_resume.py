@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 
 from mtl_jax.training.metrics_writer import read_metrics
-from run_helpers import (REPO, cache_dir_for, main_command, main_env, restored_params, run_main,
-                         write_config_file)
-
-PAUSE = "MTL_JAX_TEST_PAUSE_AT_STEP"
+from run_helpers import (REPO, cache_dir_for, main_env, pausing_command, restored_params,
+                         run_main, write_config_file)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +33,8 @@ def straight(setup):
 
 def start_paused(config, workdir, cache, step, extra=()):
     """Starts a run that waits after ``step`` (its checkpoints on disk) until a signal."""
-    command = main_command(f"--config={config}", f"--workdir={workdir}", *extra)
-    proc = subprocess.Popen(command, cwd=REPO,
-                            env=main_env(cache_dir=cache, **{PAUSE: str(step)}),
+    command = pausing_command(step, f"--config={config}", f"--workdir={workdir}", *extra)
+    proc = subprocess.Popen(command, cwd=REPO, env=main_env(cache_dir=cache),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:
@@ -137,7 +134,8 @@ def test_pmap_run_killed_and_resumed_matches_an_uninterrupted_pmap_run(setup):
     root, config, cache = setup
     pmap = "--config.parallel.mode=pmap"
     straight = root / "pmap_straight"
-    proc = run_main(f"--config={config}", f"--workdir={straight}", pmap, env=main_env(cache_dir=cache))
+    proc = run_main(f"--config={config}", f"--workdir={straight}", pmap,
+                    env=main_env(cache_dir=cache))
     assert proc.returncode == 0, proc.stderr
     workdir = root / "pmap_killed"
     paused = start_paused(config, workdir, cache, step=3, extra=(pmap,))

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from configs.base import get_base_config
 from mtl_jax.errors import UserError
 from mtl_jax.tasks.spec import TaskSpec
-from mtl_jax.training import distributed, pmap_step, sharding, state as state_lib, step as step_lib
+from mtl_jax.training import distributed, parallel, sharding, state as state_lib, step as step_lib
 from toy_mtl_model import ToyModel, make_batch
 
 RNG = jax.random.PRNGKey(7)
@@ -30,21 +30,23 @@ def _config(weighting="equal", stacked=False, mode="jit", mesh=(1, 1, 1), rules=
     return c
 
 
+def _strategy(c, model, params, mesh):
+    abstract = state_lib.abstract_train_state(model, params, c, total_steps=10)
+    return parallel.build(model, c, mesh, abstract)
+
+
 def _run(c, model, steps=3, stacked=False, devices=None, batches=None):
     mesh = sharding.make_mesh(c, devices)
     params = model.init_params(jax.random.PRNGKey(0))
-    state = state_lib.create_train_state(model, params, c, total_steps=10, mesh=mesh)
-    train_step = step_lib.build_train_step(model, c, mesh)
+    strategy = _strategy(c, model, params, mesh)
+    state = strategy.init_state(params)
+    rng = strategy.place_rng(RNG)
     losses = []
     for i in range(steps):
         batch = batches[i] if batches else make_batch(i, stacked=stacked)
-        if c.parallel.mode == "jit":
-            batch = sharding.shard_batch(batch, mesh)
-        state, metrics = train_step(state, batch, RNG)
+        state, metrics = strategy.train_step(state, strategy.place_batch(batch), rng)
         losses.append(np.asarray(metrics["train/loss"]))
-    params = state.params
-    if c.parallel.mode == "pmap":
-        params = jax.tree.map(lambda x: x[0], params)
+    params = strategy.saved(state).params
     return np.array(losses), jax.tree.map(np.asarray, params), state, metrics
 
 
@@ -115,7 +117,8 @@ def test_frozen_group_bit_identical_and_untouched_by_gradients():
     _, p, _, m = _run(c, model, devices=jax.devices()[:1])
     np.testing.assert_array_equal(p["embeddings"]["word_embeddings"],
                                   p0["embeddings"]["word_embeddings"])
-    assert np.abs(p["encoder"]["layers_0"]["kernel"] - p0["encoder"]["layers_0"]["kernel"]).max() > 1e-4
+    assert np.abs(p["encoder"]["layers_0"]["kernel"]
+                  - p0["encoder"]["layers_0"]["kernel"]).max() > 1e-4
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
@@ -153,7 +156,7 @@ def test_per_task_gradients_are_each_tasks_gradient_and_sum_to_full():
     mask = jax.tree.map(lambda _: True, params)
     split = step_lib.Split.of(params, mask)
     g, losses, counts, _ = jax.jit(lambda p, b: step_lib.per_task_grads(
-        step_lib._loss_fn(model), step_lib.Reducer(), p, split, b, RNG, "vmap"))(params, batch)
+        step_lib.make_loss_fn(model), step_lib.Reducer(), p, split, b, RNG, "vmap"))(params, batch)
     for t in range(2):
         sub = {k: v[t] for k, v in batch.items()}
         want = jax.grad(lambda p: model.task_losses(p, sub)[0][t])(params)
@@ -168,7 +171,7 @@ def test_per_task_gradients_are_each_tasks_gradient_and_sum_to_full():
 
 def test_surgery_needs_stacked_batches():
     with pytest.raises(UserError, match="data.batch_mode=stacked"):
-        step_lib.build_train_step(ToyModel(), _config("pcgrad", stacked=False))
+        step_lib.make_train_step(ToyModel(), _config("pcgrad", stacked=False))
 
 
 def test_eval_step_matches_apply():
@@ -177,10 +180,10 @@ def test_eval_step_matches_apply():
         c = _config(mode=mode, mesh=(-1, 1, 1))
         mesh = sharding.make_mesh(c)
         params = model.init_params(jax.random.PRNGKey(0))
-        state = state_lib.create_train_state(model, params, c, 10, mesh=mesh)
+        strategy = _strategy(c, model, params, mesh)
+        state = strategy.init_state(params)
         batch = make_batch(3)
-        out = step_lib.build_eval_step(model, c, mesh)(
-            state, sharding.shard_batch(batch, mesh) if mode == "jit" else batch)
+        out = strategy.eval_step(state, strategy.place_batch(batch))
         want = model.apply(params, batch)
         for name in want:
             np.testing.assert_allclose(np.asarray(out[name]), want[name], atol=1e-5)
@@ -209,12 +212,13 @@ def test_mesh_rules_and_batch_sharding():
     assert stacked["input_ids"].sharding.spec == P(None, ("data", "fsdp"), None)
     assert stacked["input_ids"].shape == (2, 8, 8)
     with pytest.raises(UserError, match="not divisible"):
-        sharding.shard_batch(make_batch(0, batch_size=6), sharding.make_mesh(_config(mesh=(-1, 1, 1))))
+        sharding.shard_batch(make_batch(0, batch_size=6),
+                             sharding.make_mesh(_config(mesh=(-1, 1, 1))))
 
 
 def test_pmap_split_batch_layout():
     b = make_batch(0, stacked=True)
-    out = pmap_step.split_batch(b, 4)
+    out = parallel.split_batch(b, 4)
     assert out["input_ids"].shape == (4, 2, 2, 8)
     np.testing.assert_array_equal(out["input_ids"][1, 0], b["input_ids"][0, 2:4])
 
@@ -263,12 +267,11 @@ def test_real_multitask_model_gradnorm_fsdp_8_devices():
                  end_positions=np.zeros(batch["label"].shape, np.int32))
     flat = step_lib.unstack(batch) if stacked else batch
     want, _, _ = model.task_losses(params, flat, None, True, homogeneous=False)
-    mesh = sharding.make_mesh(c)
-    state = state_lib.create_train_state(model, params, c, 10, mesh=mesh)
-    train_step = step_lib.build_train_step(model, c, mesh)
+    strategy = _strategy(c, model, params, sharding.make_mesh(c))
+    state = strategy.init_state(params)
     losses = []
     for _ in range(3):
-        state, m = train_step(state, sharding.shard_batch(batch, mesh), RNG)
+        state, m = strategy.train_step(state, strategy.place_batch(batch), strategy.place_rng(RNG))
         losses.append([float(m["train/loss/a"]), float(m["train/loss/b"])])
     np.testing.assert_allclose(losses[0], np.asarray(want), rtol=1e-5)  # dropout 0
     assert sum(losses[-1]) < sum(losses[0])

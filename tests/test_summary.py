@@ -3,6 +3,7 @@ counts worked out by hand from the parameter shapes (tests/tiny_bert.py)."""
 import jax
 
 from mtl_jax.models import summary
+from mtl_jax.models import param_groups
 from mtl_jax.training import optim
 from tiny_bert import EMBEDDINGS, HEADS, LORA, TOTAL_HARD, tiny_bert
 
@@ -38,7 +39,7 @@ def test_frozen_mask_is_the_optimizers_assignment():
     for model in (tiny_bert(groups=FREEZE_EMBEDDINGS), tiny_bert(peft__kind="adapter")):
         params = model.init_params(jax.random.key(0))
         labels = model.param_labels(params)
-        frozen = optim.frozen_mask(model.config, params, labels)
+        frozen = param_groups.frozen_mask(model.config, params, labels)
         opt = optim.build_optimizer(model.config, params, labels, 10)
         assert jax.tree.map(lambda f: not f, frozen) == opt.trainable_mask()
         assert opt.group_of["encoder"]["pooler"]["dense"]["kernel"] == (

@@ -20,7 +20,8 @@ def _combine(name, names=NAMES, **overrides):
     for k, v in overrides.items():
         c.weighting[k] = v
     w = W.WEIGHTINGS.get(name)
-    return w, w.init(len(names), c), w.make_combine(c, names)
+    make = w.make_combine_grads if w.uses_task_grads else w.make_combine_losses
+    return w, w.init(len(names), c), make(c, names)
 
 
 def _task_grads(shared, specific=None):
@@ -88,7 +89,8 @@ def test_uncertainty_gradient_and_sgd_on_log_variances():
     s = {"log_var": jnp.array([0.0, np.log(2.0)], jnp.float32)}
     losses, counts = jnp.array([1.0, 3.0]), jnp.array([4.0, 4.0])
     (total, (new, w)), d_losses = jax.value_and_grad(
-        lambda l: (lambda t, st, ww: (t, (st, ww)))(*combine(l, counts, s, None)),
+        lambda task_losses: (lambda t, st, ww: (t, (st, ww)))(
+            *combine(task_losses, counts, s, None)),
         has_aux=True)(losses)
     # sum exp(-s) L + s = 1 + 1.5 + log 2
     assert float(total) == pytest.approx(2.5 + np.log(2.0), rel=1e-6)
@@ -108,8 +110,8 @@ def test_dwa_weights_from_last_two_losses():
     _, s, combine = _combine("dwa", dwa_temperature=2.0)
     history = [[1.0, 2.0], [0.5, 1.5], [0.4, 1.4]]
     weights = []
-    for l in history:
-        _, s, w = combine(jnp.asarray(l), jnp.array([1.0, 1.0]), s, None)
+    for step_losses in history:
+        _, s, w = combine(jnp.asarray(step_losses), jnp.array([1.0, 1.0]), s, None)
         weights.append(np.asarray(w))
     np.testing.assert_allclose(weights[0], [1, 1])
     np.testing.assert_allclose(weights[1], [1, 1])

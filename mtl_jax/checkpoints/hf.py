@@ -20,6 +20,7 @@ from flax import traverse_util
 from mtl_jax.errors import UserError
 from mtl_jax.models.encoder import build_encoder, init_encoder_params
 from mtl_jax.models.encoder_config import EncoderConfig
+from mtl_jax.models.layers import FAMILY_TRAITS
 from mtl_jax.models.peft_layers import ACTIVATIONS
 from mtl_jax.registry import Registry
 
@@ -41,8 +42,8 @@ def resolve_model_path(name_or_path: str) -> pathlib.Path:
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json; point model.name_or_path at a Hugging Face "
-                            "model directory (config.json + model.safetensors)")
+            raise UserError(f"{path} has no config.json; point model.name_or_path at a Hugging "
+                            "Face model directory (config.json + model.safetensors)")
         return path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise UserError(f"model directory {name_or_path} does not exist; fix model.name_or_path")
@@ -79,14 +80,9 @@ def load_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
                         "(transformers: model.save_pretrained(dir, safe_serialization=True))")
     tensors = {}
     for f in files:
-        tensors.update({k: np.asarray(v.astype(jnp.float32)) for k, v in load_file(path / f).items()})
+        tensors.update({k: np.asarray(v.astype(jnp.float32))
+                        for k, v in load_file(path / f).items()})
     return tensors
-
-
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(resolve_model_path(name_or_path)))
 
 
 # --- configs --------------------------------------------------------------------------------
@@ -128,8 +124,8 @@ def encoder_config_from_hf(hf_config: Mapping, **overrides) -> EncoderConfig:
     """EncoderConfig from a config.json dict; ``overrides`` are EncoderConfig fields."""
     fields = HF_MODEL_TYPES.get(hf_config.get("model_type", "?"))(hf_config)
     cfg = EncoderConfig(**fields).replace(**overrides)
-    act = cfg.hidden_act if cfg.family == "bert" else cfg.feed_forward_proj.split("-")[-1]
-    ACTIVATIONS.get(act)  # unknown activation: one line naming the valid ones
+    activation, _ = FAMILY_TRAITS.get(cfg.family).mlp_activation(cfg)
+    ACTIVATIONS.get(activation)  # unknown activation: one line naming the valid ones
     return cfg
 
 
@@ -214,7 +210,8 @@ def _t5_map(cfg: EncoderConfig) -> dict:
          "encoder.final_layer_norm.weight": (("final_norm", "scale"), COPY),
          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
              (("relative_attention_bias", "embedding"), COPY)}
-    ffn = ("wi_0", "wi_1", "wo") if cfg.feed_forward_proj.startswith("gated-") else ("wi", "wo")
+    _, gated = FAMILY_TRAITS.get(cfg.family).mlp_activation(cfg)  # names as layers.Mlp builds them
+    ffn = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
     for i in range(cfg.num_layers):
         hf, fx = f"encoder.block.{i}.layer.", ("layers", f"layer_{i}")
         for hf_n, fx_n in (("q", "query"), ("k", "key"), ("v", "value")):
@@ -250,10 +247,19 @@ def _t5_keys(state: Mapping) -> dict:
     return out
 
 
-FAMILY_CONVERTERS = Registry("encoder family")
-FAMILY_CONVERTERS.register("bert", (_bert_map, _bert_keys, {"pooler.dense.weight",
-                                                            "pooler.dense.bias"}))
-FAMILY_CONVERTERS.register("t5", (_t5_map, _t5_keys, set()))
+@dataclasses.dataclass(frozen=True)
+class FamilyConverter:
+    """How one encoder family's HF checkpoints become its Flax parameters."""
+
+    tensor_map: Callable[[EncoderConfig], dict]  # cfg -> {HF name: (Flax path, Transform)}
+    encoder_tensors: Callable[[Mapping], dict]  # checkpoint -> its encoder tensors, HF names
+    optional: frozenset[str] = frozenset()  # HF tensors a checkpoint may lack
+
+
+FAMILY_CONVERTERS: Registry[FamilyConverter] = Registry("encoder family")
+FAMILY_CONVERTERS.register("bert", FamilyConverter(
+    _bert_map, _bert_keys, optional=frozenset({"pooler.dense.weight", "pooler.dense.bias"})))
+FAMILY_CONVERTERS.register("t5", FamilyConverter(_t5_map, _t5_keys))
 
 
 def _target_shapes(cfg: EncoderConfig) -> dict:
@@ -271,10 +277,10 @@ def convert_weights(state_dict: Mapping[str, np.ndarray], cfg: EncoderConfig,
     A BERT checkpoint without a pooler converts without ``pooler`` (heads then cannot use it).
     With ``cfg.scan_layers`` the layers are stacked into ``layers/layer`` on a leading axis.
     """
-    mapping_fn, keys_fn, optional = FAMILY_CONVERTERS.get(cfg.family)
-    state = keys_fn(dict(state_dict))
-    mapping = mapping_fn(cfg)
-    missing = [k for k in mapping if k not in state and k not in optional]
+    converter = FAMILY_CONVERTERS.get(cfg.family)
+    state = converter.encoder_tensors(dict(state_dict))
+    mapping = converter.tensor_map(cfg)
+    missing = [k for k in mapping if k not in state and k not in converter.optional]
     unexpected = [k for k in state if k not in mapping]
     for what, names in (("is missing tensor", missing), ("has unexpected tensor", unexpected)):
         if names:
@@ -298,7 +304,7 @@ def convert_weights(state_dict: Mapping[str, np.ndarray], cfg: EncoderConfig,
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:
-    """layers/layer_{i}/... -> layers/layer/... with a leading [num_layers] axis (nn.scan layout)."""
+    """layers/layer_{i}/... -> layers/layer/... on a leading [num_layers] axis (nn.scan layout)."""
     layers = [params["layers"][f"layer_{i}"] for i in range(num_layers)]
     stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)
     return {**params, "layers": {"layer": stacked}}

@@ -1,9 +1,4 @@
-"""Reading, tokenizing, bucketing and mixing task data. Entry point: ``build_data(config, tokenizer)``."""
+"""Reading, bucketing and mixing task data; tokenization itself is ``mtl_jax.text``.
 
-
-def __getattr__(name):  # lazy: mtl_jax.tasks.types imports mtl_jax.data.tokenize at import time
-    if name in ("build_data", "RunData", "TaskData", "load_tokenizer"):
-        from mtl_jax.data import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(name)
+Entry point: ``mtl_jax.data.pipeline.build_data(config, tokenizer) -> RunData``.
+"""

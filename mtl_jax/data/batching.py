@@ -1,4 +1,5 @@
-"""Static-shape batches: rows padded to the smallest fitting length bucket, one fixed key set per run.
+"""Static-shape batches: rows padded to the smallest fitting length bucket, one fixed key set per
+run.
 
 A batch source row is ``(task, feature_index)`` where ``task`` is any object with ``features``
 (``Features``) and ``index`` (its task id).
@@ -32,15 +33,16 @@ def batch_keys(label_keys: Sequence[str]) -> tuple[str, ...]:
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
     i = bisect.bisect_left(buckets, length)
     if i == len(buckets):
-        raise UserError(f"a sequence of {length} tokens exceeds the largest data.buckets entry {buckets[-1]}; "
-                        f"add a larger bucket or lower the task's max_length")
+        raise UserError(f"a sequence of {length} tokens exceeds the largest data.buckets entry "
+                        f"{buckets[-1]}; add a larger bucket or lower the task's max_length")
     return buckets[i]
 
 
 def check_buckets(buckets) -> tuple[int, ...]:
     buckets = tuple(int(b) for b in buckets)
     if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
-        raise UserError(f"data.buckets={buckets} must be strictly increasing positive lengths, e.g. (64, 128, 256)")
+        raise UserError(f"data.buckets={buckets} must be strictly increasing positive lengths, "
+                        f"e.g. (64, 128, 256)")
     return buckets
 
 
@@ -50,7 +52,8 @@ def empty_batch(keys: Sequence[str], batch_size: int, length: int) -> dict[str, 
     batch = dict(input_ids=np.zeros((batch_size, length), np.int32),
                  attention_mask=np.zeros((batch_size, length), np.int32),
                  token_type_ids=np.zeros((batch_size, length), np.int32),
-                 task_id=np.zeros((batch_size,), np.int32), weight=np.zeros((batch_size,), np.float32))
+                 task_id=np.zeros((batch_size,), np.int32),
+                 weight=np.zeros((batch_size,), np.float32))
     batch["attention_mask"][:, 0] = 1
     for key in keys:
         if key in LABEL_KEYS:
@@ -79,7 +82,8 @@ def make_batch(rows: Sequence[tuple[object, int]], batch_size: int, buckets: Seq
                keys: Sequence[str], length: int | None = None) -> dict[str, np.ndarray]:
     """``rows`` padded to ``batch_size`` (extra rows weight 0) and to a bucket length."""
     if length is None:
-        length = bucket_length(max((int(t.features.lengths[f]) for t, f in rows), default=1), buckets)
+        length = bucket_length(max((int(t.features.lengths[f]) for t, f in rows), default=1),
+                               buckets)
     batch = empty_batch(keys, batch_size, length)
     for r, (task, feature) in enumerate(rows):
         fill_row(batch, r, task, feature)

@@ -4,11 +4,11 @@ Token-level arrays (``input_ids``, ``token_type_ids``, ``tag_ids``, ``word_ids``
 ``offset_mapping``) are concatenated over features and sliced by ``offsets``; per-feature arrays
 (``label``, ``target``, ``start_positions``, ``end_positions``, ``example_index``) have one row
 per feature. A feature is one tokenized sequence (QA examples may give several windows).
+The arrays come from ``mtl_jax.text.tokenize`` (through each task type's ``tokenize``).
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -56,11 +56,6 @@ class Features:
         return cls(arrays), meta
 
 
-def pack(sequences: list[list[int]], dtype=np.int32) -> np.ndarray:
-    total = sum(len(s) for s in sequences)
-    return np.fromiter(itertools.chain.from_iterable(sequences), dtype=dtype, count=total)
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identifies a tokenizer by its full serialized state (vocab, normalizer, specials)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -71,5 +66,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_path(cache_dir: str, key: dict) -> pathlib.Path:
     root = pathlib.Path(os.path.expanduser(cache_dir or "~/.cache/mtl_jax"))
-    digest = hashlib.sha256(json.dumps(dict(key, code_version=CODE_VERSION), sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(dict(key, code_version=CODE_VERSION), sort_keys=True).encode())
     return root / "features" / f"{digest.hexdigest()[:24]}.npz"

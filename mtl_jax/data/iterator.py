@@ -17,7 +17,8 @@ from mtl_jax.errors import UserError
 class TaskStream:
     """An endless, per-epoch reshuffled walk over one task's (host-local) feature indices."""
 
-    def __init__(self, num_features: int, task_index: int, seed: int, process_index: int, process_count: int):
+    def __init__(self, num_features: int, task_index: int, seed: int, process_index: int,
+                 process_count: int):
         self.shard = np.arange(num_features)[process_index::process_count]
         self.task_index, self.seed = task_index, seed
         self.epoch, self.position = 0, 0
@@ -26,7 +27,8 @@ class TaskStream:
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.task_index, self.epoch])
-            self._order, self._order_epoch = self.shard[rng.permutation(len(self.shard))], self.epoch
+            self._order = self.shard[rng.permutation(len(self.shard))]
+            self._order_epoch = self.epoch
         return self._order
 
     def take(self, count: int) -> list[int]:
@@ -47,22 +49,28 @@ class TrainIterator:
     def __init__(self, tasks: list, batch_size: int, seed: int, data_config, keys: tuple[str, ...],
                  process_index: int = 0, process_count: int = 1):
         if batch_size % process_count:
-            raise UserError(f"train batch size {batch_size} is not divisible by the {process_count} hosts")
+            raise UserError(f"train batch size {batch_size} is not divisible by the "
+                            f"{process_count} hosts")
         self.tasks, self.keys, self.seed = tasks, keys, int(seed)
         self.local_batch = batch_size // process_count
         self.mode = data_config.batch_mode
         self.buckets = batching.check_buckets(data_config.buckets)
         if self.mode not in batching.BATCH_MODES:
-            raise UserError(f"unknown data.batch_mode {self.mode!r}; valid: {', '.join(batching.BATCH_MODES)}")
+            raise UserError(f"unknown data.batch_mode {self.mode!r}; "
+                            f"valid: {', '.join(batching.BATCH_MODES)}")
         if self.mode == "stacked" and self.local_batch % len(tasks):
-            raise UserError(f"batch_mode=stacked needs the (per-host) batch size {self.local_batch} divisible by "
-                            f"the {len(tasks)} tasks; change train.batch_size")
+            raise UserError(f"batch_mode=stacked needs the (per-host) batch size "
+                            f"{self.local_batch} divisible by the {len(tasks)} tasks; "
+                            f"change train.batch_size")
         for task in tasks:
             if len(task.features) < process_count:
-                raise UserError(f"task {task.name} has {len(task.features)} training features, fewer than the "
-                                f"{process_count} hosts")
-        self.sampler = build_sampler(data_config.sampler, [len(t.features) for t in tasks], data_config, self.seed)
-        self.streams = [TaskStream(len(t.features), t.index, self.seed, process_index, process_count) for t in tasks]
+                raise UserError(f"task {task.name} has {len(task.features)} training features, "
+                                f"fewer than the {process_count} hosts")
+        self.sampler = build_sampler(data_config.sampler, [len(t.features) for t in tasks],
+                                     data_config, self.seed)
+        self.streams = [TaskStream(len(t.features), t.index, self.seed, process_index,
+                                   process_count)
+                        for t in tasks]
         self.step = 0
 
     @property
@@ -83,7 +91,8 @@ class TrainIterator:
 
     def _homogeneous(self):
         t = int(self.sampler.tasks(self.step, 1)[0])
-        return batching.make_batch(self._rows(t, self.local_batch), self.local_batch, self.buckets, self.keys)
+        return batching.make_batch(self._rows(t, self.local_batch), self.local_batch, self.buckets,
+                                   self.keys)
 
     def _mixed(self):
         choices = self.sampler.tasks(self.step, self.local_batch)
@@ -99,18 +108,21 @@ class TrainIterator:
 
     def get_state(self) -> dict:
         return dict(step=self.step, seed=self.seed, batch_size=self.local_batch, mode=self.mode,
-                    tasks={t.name: dict(epoch=s.epoch, position=s.position) for t, s in zip(self.tasks, self.streams)})
+                    tasks={t.name: dict(epoch=s.epoch, position=s.position)
+                           for t, s in zip(self.tasks, self.streams)})
 
     def set_state(self, state: dict) -> None:
         names = [t.name for t in self.tasks]
         if sorted(state.get("tasks", {})) != sorted(names):
-            raise UserError(f"the data iterator state is for tasks {sorted(state.get('tasks', {}))}, this run has "
-                            f"{sorted(names)}; resume with the same tasks or start a new workdir")
+            raise UserError(f"the data iterator state is for tasks "
+                            f"{sorted(state.get('tasks', {}))}, this run has {sorted(names)}; "
+                            f"resume with the same tasks or start a new workdir")
         for key in ("seed", "batch_size", "mode"):
             mine = dict(seed=self.seed, batch_size=self.local_batch, mode=self.mode)[key]
             if state.get(key, mine) != mine:
-                raise UserError(f"the data iterator state has {key}={state[key]!r} but this run has {mine!r}; "
-                                f"resume with the same settings or start a new workdir")
+                raise UserError(f"the data iterator state has {key}={state[key]!r} but this run "
+                                f"has {mine!r}; resume with the same settings or start a new "
+                                f"workdir")
         self.step = int(state["step"])
         for task, stream in zip(self.tasks, self.streams):
             stream.epoch = int(state["tasks"][task.name]["epoch"])

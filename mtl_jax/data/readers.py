@@ -1,4 +1,5 @@
-"""Reading one split of a task into raw rows: local files (jsonl/json/csv/tsv/CoNLL) or a hub dataset.
+"""Reading one split of a task into raw rows: local files (jsonl/json/csv/tsv/CoNLL) or a hub
+dataset.
 
 A row is ``(where, record)``; ``where`` ("path:line" or "glue/rte[validation] row 7") is what every
 error message about that row names.
@@ -53,7 +54,8 @@ def _read_jsonl(path: pathlib.Path, definition) -> list[Row]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix the line") from None
         if not isinstance(record, dict):
-            raise UserError(f"{path}:{line_no}: expected a JSON object per line, got {type(record).__name__}")
+            raise UserError(f"{path}:{line_no}: expected a JSON object per line, "
+                            f"got {type(record).__name__}")
         rows.append((f"{path}:{line_no}", record))
     return rows
 
@@ -78,8 +80,8 @@ def _flatten_squad(articles: list[dict]) -> Iterator[dict]:
     for article in articles:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
-                yield dict(id=qa["id"], title=article.get("title", ""), context=paragraph["context"],
-                           question=qa["question"],
+                yield dict(id=qa["id"], title=article.get("title", ""),
+                           context=paragraph["context"], question=qa["question"],
                            answers=dict(text=[a["text"] for a in qa["answers"]],
                                         answer_start=[a["answer_start"] for a in qa["answers"]]))
 
@@ -107,11 +109,13 @@ def _read_conll(path: pathlib.Path, definition) -> list[Row]:
             continue
         if not parts:
             if tokens:
-                rows.append((f"{path}:{start}", {tokens_field: tokens, definition.label_field: tags}))
+                rows.append((f"{path}:{start}",
+                             {tokens_field: tokens, definition.label_field: tags}))
             tokens, tags = [], []
             continue
         if len(parts) < 2:
-            raise UserError(f"{path}:{line_no}: a CoNLL line needs a token and a tag column, got {line.strip()!r}")
+            raise UserError(f"{path}:{line_no}: a CoNLL line needs a token and a tag column, "
+                            f"got {line.strip()!r}")
         if not tokens:
             start = line_no
         tokens.append(parts[0])
@@ -128,15 +132,17 @@ def file_format(path: pathlib.Path, definition) -> str:
     try:
         return _SUFFIXES[path.suffix.lower()]
     except KeyError:
-        raise UserError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; set the task's "
-                        f"file_format to one of {', '.join(FORMATS.names())}") from None
+        raise UserError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+                        f"set the task's file_format to one of "
+                        f"{', '.join(FORMATS.names())}") from None
 
 
 def local_path(task: str, split: str, definition) -> pathlib.Path:
     path = resolve_path(definition.data[split])
     if path.is_dir():
         raise UserError(f"tasks.{task}.data.{split}: {definition.data[split]!r} is a directory; "
-                        f"name a file in it (e.g. {definition.data[split].rstrip('/')}/{split}.jsonl)")
+                        f"name a file in it "
+                        f"(e.g. {definition.data[split].rstrip('/')}/{split}.jsonl)")
     if not path.is_file():
         raise UserError(f"tasks.{task}.data.{split}: file {definition.data[split]!r} not found "
                         f"(looked in the current directory and the repo root); fix the path")
@@ -146,10 +152,12 @@ def local_path(task: str, split: str, definition) -> pathlib.Path:
 def read_split(task: str, split: str, definition) -> list[Row]:
     """All rows of ``split`` of a task, from its local file or its hub dataset."""
     if split not in definition.data:
-        raise UserError(f"tasks.{task} has no {split!r} split (it has {', '.join(definition.data) or 'none'}); "
+        raise UserError(f"tasks.{task} has no {split!r} split "
+                        f"(it has {', '.join(definition.data) or 'none'}); "
                         f"set tasks.{task}.data.{split}")
     if definition.hub:
-        return [(f"{where_hub(definition, split)} row {i}", r) for i, r in enumerate(load_hub(task, split, definition))]
+        return [(f"{where_hub(definition, split)} row {i}", r)
+                for i, r in enumerate(load_hub(task, split, definition))]
     path = local_path(task, split, definition)
     return FORMATS.get(file_format(path, definition))(path, definition)
 
@@ -164,11 +172,13 @@ def load_hub(task: str, split: str, definition):
     import datasets
 
     try:
-        return datasets.load_dataset(definition.hub, definition.hub_config or None, split=definition.data[split])
-    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError)
+        return datasets.load_dataset(definition.hub, definition.hub_config or None,
+                                     split=definition.data[split])
+    except Exception as e:
+        # datasets raises many types (ConnectionError, FileNotFoundError, ValueError).
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"tasks.{task}: cannot load hub dataset {where_hub(definition, split)} ({reason[:160]}); "
-                        f"check network/HF cache, or use local files: "
+        raise UserError(f"tasks.{task}: cannot load hub dataset {where_hub(definition, split)} "
+                        f"({reason[:160]}); check network/HF cache, or use local files: "
                         f"mtl_jax.tasks.presets.local_task({task!r}, DATA_DIR)") from None
 
 

@@ -1,4 +1,5 @@
-"""Task samplers (a registry): which task each batch (or, in mixed batches, each example) comes from.
+"""Task samplers (a registry): which task each batch (or, in mixed batches, each example) comes
+from.
 
 Every sampler is a pure function of (seed, step): ``tasks(step, count)`` needs no hidden RNG state,
 so the iterator's state is just the step counter and restoring it replays the same choices.
@@ -60,7 +61,8 @@ class Uniform(Sampler):
 
 @SAMPLERS.register("round_robin")
 class RoundRobin(Uniform):
-    """Tasks in turn: batch s is task s mod T (mixed batches: example i of step s is (s*B+i) mod T)."""
+    """Tasks in turn: batch s is task s mod T (mixed batches: example i of step s is
+    (s*B+i) mod T)."""
 
     def tasks(self, step, count):
         return (step * count + np.arange(count)) % len(self.rates)

@@ -9,8 +9,10 @@ from mtl_jax.evaluation.metrics import compute_metrics
 from mtl_jax.evaluation.reports import build_report
 
 
-def collect_outputs(task_data, predict_fn: Callable[[dict], np.ndarray], batch_size: int) -> list[np.ndarray]:
-    """Per-feature head outputs in feature order; per-token outputs trimmed to the feature's length."""
+def collect_outputs(task_data, predict_fn: Callable[[dict], np.ndarray],
+                    batch_size: int) -> list[np.ndarray]:
+    """Per-feature head outputs in feature order; per-token outputs trimmed to the
+    feature's length."""
     lengths = task_data.features.lengths
     outputs: list = [None] * len(lengths)
     for indices, batch in task_data.batches(batch_size):
@@ -20,14 +22,16 @@ def collect_outputs(task_data, predict_fn: Callable[[dict], np.ndarray], batch_s
     return outputs
 
 
-def evaluate_task(task_data, predict_fn: Callable[[dict], np.ndarray], batch_size: int) -> tuple[dict, str]:
+def evaluate_task(task_data, predict_fn: Callable[[dict], np.ndarray],
+                  batch_size: int) -> tuple[dict, str]:
     """(metrics with bare names, e.g. {"accuracy": 0.91}, report text)."""
     outputs = collect_outputs(task_data, predict_fn, batch_size)
     spec, definition = task_data.spec, task_data.definition
-    scored = task_data.task_type.postprocess(task_data.examples, task_data.features, outputs, definition,
-                                             spec.label_names)
+    scored = task_data.task_type.postprocess(task_data.examples, task_data.features, outputs,
+                                             definition, spec.label_names)
     metrics = compute_metrics(definition.metrics, scored["predictions"], scored["references"])
-    report = build_report(spec.type, scored["predictions"], scored["references"], spec.label_names, metrics)
+    report = build_report(spec.type, scored["predictions"], scored["references"], spec.label_names,
+                          metrics)
     return metrics, report
 
 

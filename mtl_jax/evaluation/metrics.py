@@ -78,7 +78,8 @@ def matthews_corrcoef(predictions, references):
     s, c = matrix.sum(), np.trace(matrix)
     predicted, true = matrix.sum(0), matrix.sum(1)
     denominator = np.sqrt((s ** 2 - predicted @ predicted) * (s ** 2 - true @ true))
-    return dict(matthews_corrcoef=float((c * s - predicted @ true) / denominator) if denominator > 0 else 0.0)
+    return dict(matthews_corrcoef=float((c * s - predicted @ true) / denominator)
+                if denominator > 0 else 0.0)
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -100,7 +101,8 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 @METRICS.register("pearson")
 def pearson(predictions, references):
-    return dict(pearson=_pearson(np.asarray(predictions, np.float64), np.asarray(references, np.float64)))
+    return dict(pearson=_pearson(np.asarray(predictions, np.float64),
+                                 np.asarray(references, np.float64)))
 
 
 @METRICS.register("spearman")
@@ -110,14 +112,16 @@ def spearman(predictions, references):
 
 
 def entities(tags: list[str]) -> set[tuple[str, int, int]]:
-    """(type, first, last) chunks of one IOB1/IOB2/IOBES sequence, conlleval's rules (as seqeval)."""
+    """(type, first, last) chunks of one IOB1/IOB2/IOBES sequence, conlleval's rules
+    (as seqeval)."""
     chunks, begin, prev_tag, prev_type = set(), 0, "O", ""
     for i, label in enumerate(list(tags) + ["O"]):
         tag, kind = label[0], label[1:].split("-", maxsplit=1)[-1] or "_"
         typed_change = prev_type != kind
         ends = (prev_tag in "ES" or (prev_tag in "BI" and tag in "BSO")
                 or (prev_tag not in "O." and typed_change))
-        starts = tag in "BS" or (prev_tag in "ESO" and tag in "EI") or (tag not in "O." and typed_change)
+        starts = (tag in "BS" or (prev_tag in "ESO" and tag in "EI")
+                  or (tag not in "O." and typed_change))
         if ends:
             chunks.add((prev_type, begin, i - 1))
         if starts:
@@ -137,7 +141,8 @@ def seqeval_scores(predictions, references):
     recall = tp / n_true if n_true else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     tokens = [(a == b) for p, t in zip(predictions, references) for a, b in zip(p, t)]
-    return dict(precision=precision, recall=recall, f1=f1, accuracy=float(np.mean(tokens)) if tokens else 0.0)
+    return dict(precision=precision, recall=recall, f1=f1,
+                accuracy=float(np.mean(tokens)) if tokens else 0.0)
 
 
 @METRICS.register("squad")

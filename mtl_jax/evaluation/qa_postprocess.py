@@ -1,4 +1,5 @@
-"""Extractive-QA post-processing: n-best start/end logits of every window -> one answer per question."""
+"""Extractive-QA post-processing: n-best start/end logits of every window -> one answer per
+question."""
 from __future__ import annotations
 
 import collections
@@ -10,7 +11,8 @@ def best_span(start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndar
               max_answer_length: int) -> tuple[float, int, int] | None:
     """(score, start_char, end_char) of the best valid span of one window, or None.
 
-    Valid: both ends inside the context (offset >= 0), end >= start, at most max_answer_length tokens.
+    Valid: both ends inside the context (offset >= 0), end >= start, at most max_answer_length
+    tokens.
     """
     starts = np.argsort(start_logits)[::-1][:n_best]
     ends = np.argsort(end_logits)[::-1][:n_best]
@@ -38,8 +40,9 @@ def best_answers(examples: list[dict], features, outputs: list[np.ndarray], n_be
         windows[int(example)].append(f)
     answers = []
     for i, example in enumerate(examples):
-        candidates = [best_span(outputs[f][:, 0], outputs[f][:, 1], features.tokens("offset_mapping", f), n_best,
-                                max_answer_length) for f in windows[i]]
+        candidates = [best_span(outputs[f][:, 0], outputs[f][:, 1],
+                                features.tokens("offset_mapping", f), n_best, max_answer_length)
+                      for f in windows[i]]
         candidates = [c for c in candidates if c is not None]
         if not candidates:
             answers.append("")

@@ -26,7 +26,8 @@ def classification_report(predictions, references, label_names, metrics) -> str:
         r = tp / support if support else 0.0
         f = 2 * p * r / (p + r) if p + r else 0.0
         rows.append([name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(support)])
-    confusion = [["gold \\ pred", *label_names]] + [[n, *map(str, matrix[i])] for i, n in enumerate(label_names)]
+    confusion = [["gold \\ pred", *label_names]] + [[n, *map(str, matrix[i])]
+                                                    for i, n in enumerate(label_names)]
     summary = ", ".join(f"{n}={v:.4f}" for n, v in metrics.items())
     return f"{summary}\n{_table(rows)}\n\n{_table(confusion)}"
 
@@ -35,7 +36,8 @@ def classification_report(predictions, references, label_names, metrics) -> str:
 def regression_report(predictions, references, label_names, metrics) -> str:
     p, r = np.asarray(predictions), np.asarray(references)
     summary = ", ".join(f"{n}={v:.4f}" for n, v in metrics.items())
-    return f"{summary}\nn={len(r)} mse={np.mean((p - r) ** 2):.4f} pred mean={p.mean():.3f} gold mean={r.mean():.3f}"
+    return (f"{summary}\nn={len(r)} mse={np.mean((p - r) ** 2):.4f} pred mean={p.mean():.3f} "
+            f"gold mean={r.mean():.3f}")
 
 
 @REPORTS.register("token_classification")
@@ -52,8 +54,10 @@ def qa_report(predictions, references, label_names, metrics) -> str:
     from mtl_jax.evaluation.squad import exact_match
 
     summary = ", ".join(f"{n}={v:.4f}" for n, v in metrics.items())
-    misses = [(p, t) for p, t in zip(predictions, references) if not any(exact_match(p, g) for g in t)][:5]
-    lines = [f"{summary}", f"questions={len(predictions)} empty predictions={sum(not p for p in predictions)}"]
+    misses = [(p, t) for p, t in zip(predictions, references)
+              if not any(exact_match(p, g) for g in t)][:5]
+    lines = [f"{summary}",
+             f"questions={len(predictions)} empty predictions={sum(not p for p in predictions)}"]
     lines += [f"  predicted {p!r}, gold {t[0]!r}" for p, t in misses]
     return "\n".join(lines)
 

@@ -29,7 +29,8 @@ def f1(prediction: str, truth: str) -> float:
 
 
 def squad_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """Mean over questions of the best score against any gold answer, in [0, 1] (official × 1/100)."""
+    """Mean over questions of the best score against any gold answer, in [0, 1]
+    (official × 1/100)."""
     if not predictions:
         return dict(exact_match=0.0, f1=0.0)
     em = [max(exact_match(p, t) for t in truths) for p, truths in zip(predictions, references)]

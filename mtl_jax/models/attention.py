@@ -27,7 +27,8 @@ class Prefix(NamedTuple):
 
 
 def resolve_attention_impl(name: str, dtype) -> str:
-    """auto = cuDNN flash attention on GPU for 16-bit compute (cuDNN has no float32 kernel), else XLA."""
+    """auto = cuDNN flash attention on GPU for 16-bit compute (cuDNN has no float32 kernel),
+    else XLA."""
     if name != "auto":
         return name
     on_gpu = jax.default_backend() == "gpu"
@@ -89,7 +90,8 @@ def prepare_attention(attention_mask, prefix: Optional[Prefix], num_layers: int,
     batch = attention_mask.shape[0]
     want = (num_layers, batch, prefix.keys.shape[2], num_heads, head_dim)
     if prefix.keys.shape != want or prefix.values.shape != want:
-        raise UserError(f"prefix keys/values have shapes {prefix.keys.shape}/{prefix.values.shape}; "
+        raise UserError(f"prefix keys/values have shapes "
+                        f"{prefix.keys.shape}/{prefix.values.shape}; "
                         f"the encoder needs [num_layers, B, P, num_heads, head_dim] = {want}")
     if prefix.mask.shape != (batch, want[2]):
         raise UserError(f"prefix mask has shape {prefix.mask.shape}; it must be [B, P] = "

@@ -1,4 +1,5 @@
-"""EncoderConfig: every size and switch of a BERT or T5 encoder, frozen and hashable (jit-static)."""
+"""EncoderConfig: every size and switch of a BERT or T5 encoder, frozen and hashable
+(jit-static)."""
 from __future__ import annotations
 
 import dataclasses

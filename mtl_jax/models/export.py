@@ -1,4 +1,5 @@
-"""Inference exports: fold the prefix MLP into fixed prefixes; merge one task's LoRA into the encoder."""
+"""Inference exports: fold the prefix MLP into fixed prefixes; merge one task's LoRA into the
+encoder."""
 from __future__ import annotations
 
 import jax

@@ -52,6 +52,9 @@ class FamilyTraits:
     attention_scale: Optional[float]  # None = 1/sqrt(head_dim); T5 folds it into its init: 1.0
     mlp_inner_dropout: bool  # T5 drops out between wi and wo
     mlp_activation: Callable[[EncoderConfig], tuple[str, bool]]  # cfg -> (activation, gated)
+    # The longest input the family can position: BERT's absolute table; None (T5's relative
+    # bias has no limit).
+    max_positions: Callable[[EncoderConfig], Optional[int]] = lambda cfg: None
 
 
 def _t5_activation(cfg: EncoderConfig) -> tuple[str, bool]:
@@ -64,7 +67,8 @@ def _t5_activation(cfg: EncoderConfig) -> tuple[str, bool]:
 FAMILY_TRAITS: Registry[FamilyTraits] = Registry("encoder family")
 FAMILY_TRAITS.register("bert", FamilyTraits(
     norm=LayerNorm, pre_norm=False, use_bias=True, attention_scale=None,
-    mlp_inner_dropout=False, mlp_activation=lambda cfg: (cfg.hidden_act, False)))
+    mlp_inner_dropout=False, mlp_activation=lambda cfg: (cfg.hidden_act, False),
+    max_positions=lambda cfg: cfg.max_position_embeddings))
 FAMILY_TRAITS.register("t5", FamilyTraits(
     norm=RMSNorm, pre_norm=True, use_bias=False, attention_scale=1.0,
     mlp_inner_dropout=True, mlp_activation=_t5_activation))
@@ -113,7 +117,8 @@ class Mlp(nn.Module):
         wi = dense(cfg.intermediate_size, ("embed", "mlp"), "wi_0" if gated else "wi")
         h = ACTIVATIONS.get(act_name)(wi(x, task_ids, deterministic))
         if gated:
-            h = h * dense(cfg.intermediate_size, ("embed", "mlp"), "wi_1")(x, task_ids, deterministic)
+            h = h * dense(cfg.intermediate_size, ("embed", "mlp"), "wi_1")(x, task_ids,
+                                                                           deterministic)
         if traits.mlp_inner_dropout:
             h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         return dense(cfg.hidden_size, ("mlp", "embed"), "wo")(h, task_ids, deterministic)

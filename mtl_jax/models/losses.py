@@ -59,18 +59,36 @@ def span_loss(logits, batch):
     return valid * (start_nll + end_nll) / 2.0, valid
 
 
+def task_loss_sums(outputs, batch, specs):
+    """{task: head output} -> (sums [T], denominators [T], counts [T]).
+
+    Task t's mean loss is ``sums[t] / denominators[t]``: the weighted sum of its examples' losses
+    (task_id == t, weight > 0) over the weighted number of labelled units they hold (examples, or
+    labelled tokens for token classification). counts[t] is the summed weight of task t's
+    examples. A data-parallel reduction must sum numerators and denominators over devices before
+    dividing: a count-weighted mean of per-device means is not the global mean when the units
+    per example differ between devices (token tasks, ignored labels).
+    """
+    task_id, weight = batch["task_id"], batch["weight"].astype(jnp.float32)
+    sums, denominators, counts = [], [], []
+    for spec in specs:
+        per_example, units = LOSSES.get(spec.type)(outputs[spec.name], batch)
+        w = jnp.where(task_id == spec.index, weight, 0.0)
+        sums.append((w * per_example).sum())
+        denominators.append((w * units).sum())
+        counts.append(w.sum())
+    return jnp.stack(sums), jnp.stack(denominators), jnp.stack(counts)
+
+
 def task_mean_losses(outputs, batch, specs):
     """{task: head output} -> (losses [T], counts [T]).
 
     losses[t] is task t's mean loss over its examples (task_id == t, weight > 0; weighted by
     ``weight``), 0 when the batch holds none. counts[t] is the summed weight of task t's examples.
     """
-    task_id, weight = batch["task_id"], batch["weight"].astype(jnp.float32)
-    losses, counts = [], []
-    for spec in specs:
-        per_example, units = LOSSES.get(spec.type)(outputs[spec.name], batch)
-        w = jnp.where(task_id == spec.index, weight, 0.0)
-        denom = (w * units).sum()
-        losses.append((w * per_example).sum() / jnp.maximum(denom, 1e-9))
-        counts.append(w.sum())
-    return jnp.stack(losses), jnp.stack(counts)
+    sums, denominators, counts = task_loss_sums(outputs, batch, specs)
+    return mean_losses(sums, denominators), counts
+
+
+def mean_losses(sums, denominators):
+    return sums / jnp.maximum(denominators, 1e-9)

@@ -2,21 +2,23 @@
 
 Parameters::
 
-  {"encoder": encoder params            (hard sharing)
-              | the same tree, every leaf [T, ...]   (soft sharing),
+  {"encoder": what the sharing strategy stores (sharing.py: hard, one encoder's params;
+              soft, the same tree with every leaf [T, ...]),
    "heads":   {<task>: head params},
-   "prefix":  prefix params             (peft.kind=prefix; see prefix.py)}
+   ...        what the PEFT kind adds (peft_layers.PeftKind.init_params; prefix: "prefix")}
 
 Every head runs on every example (heads are cheap next to the encoder), so one compiled step
 serves any mix of tasks; ``task_losses`` keeps each task's own examples. Adapters and LoRA live
-inside the encoder and are gathered per example by ``task_id``; prefixes are gathered here.
+inside the encoder and are gathered per example by ``task_id``; prefixes are gathered by their
+PEFT kind (``PeftKind.batch_prefix``). The model never tests a sharing mode's or a PEFT kind's
+name: ``sharing.STRATEGIES`` and ``peft_layers.PEFT_KINDS`` entries own what differs.
 """
 from __future__ import annotations
 
 import functools
 import json
 import pathlib
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -25,34 +27,16 @@ from jax.sharding import PartitionSpec
 
 from mtl_jax.errors import UserError
 from mtl_jax.models import heads as heads_lib
+from mtl_jax.models import param_groups
 from mtl_jax.models import losses as losses_lib
-from mtl_jax.models import prefix as prefix_lib
-from mtl_jax.models import soft_sharing
+from mtl_jax.models import peft_layers
+from mtl_jax.models import sharing as sharing_lib
 from mtl_jax.models import summary as summary_lib
 from mtl_jax.models.encoder_config import EncoderConfig
-from mtl_jax.registry import Registry
 from mtl_jax.tasks.spec import TaskSpec
-from mtl_jax.training import optim as optim_lib
+from mtl_jax.text.tokenizer import tokenizer_for
 
-# peft.kind -> EncoderConfig overrides (in-encoder PEFT; prefixes are handled by the model).
-PEFT_KINDS: Registry[Callable] = Registry("peft kind")
-PEFT_KINDS.register("none", lambda peft, num_tasks: {})
-PEFT_KINDS.register("prefix", lambda peft, num_tasks: {})
-PEFT_KINDS.register("adapter", lambda peft, num_tasks: dict(
-    num_tasks=num_tasks, adapter_kind=peft.adapter_kind, adapter_size=peft.adapter_size))
-PEFT_KINDS.register("lora", lambda peft, num_tasks: dict(
-    num_tasks=num_tasks, lora_rank=peft.lora_rank, lora_alpha=peft.lora_alpha,
-    lora_dropout=peft.lora_dropout, lora_targets=peft.lora_targets))
-
-SHARING_MODES = ("hard", "soft")
 HOMOGENEOUS_BATCH_MODES = ("homogeneous", "stacked")  # stacked: each sub-batch holds one task
-
-
-def load_tokenizer(config):
-    """The run's tokenizer: ``model.tokenizer``, else the one stored with ``model.name_or_path``."""
-    from mtl_jax.checkpoints import hf
-
-    return hf.load_tokenizer(config.model.tokenizer or config.model.name_or_path)
 
 
 def encoder_overrides(config, num_tasks: int) -> dict:
@@ -62,7 +46,8 @@ def encoder_overrides(config, num_tasks: int) -> dict:
                scan_layers=m.scan_layers)
     if m.dropout >= 0:
         out.update(hidden_dropout=m.dropout, attention_dropout=m.dropout)
-    out.update(PEFT_KINDS.get(config.peft.kind)(config.peft, num_tasks))
+    out.update(peft_layers.PEFT_KINDS.get(config.peft.kind).encoder_overrides(config.peft,
+                                                                              num_tasks))
     return out
 
 
@@ -70,7 +55,7 @@ def _random_encoder_config(config, overrides) -> EncoderConfig:
     from mtl_jax.checkpoints import hf
 
     sizes = {k: v for k, v in config.model.size.items() if v}
-    vocab_size = len(load_tokenizer(config))
+    vocab_size = len(tokenizer_for(config))
     family = config.model.family
     if family == "auto":
         raise UserError("model.random_init needs model.family (bert, t5 or t5_v1_1), not auto")
@@ -107,7 +92,9 @@ class MultiTaskModel:
         self.specs = _check_specs(specs)
         self.num_tasks = len(self.specs)
         self.sharing = config.sharing.mode
+        self.sharing_strategy = sharing_lib.STRATEGIES.get(self.sharing)
         self.peft_kind = config.peft.kind
+        self.peft_method = peft_layers.PEFT_KINDS.get(self.peft_kind)
         self.pooling = config.heads.pooling
         self.homogeneous = config.data.batch_mode in HOMOGENEOUS_BATCH_MODES
         self.encoder_config = encoder_config
@@ -138,11 +125,12 @@ class MultiTaskModel:
     def init_params(self, rng, pretrained: bool | None = None):
         """All parameters; the encoder from the checkpoint unless model.random_init."""
         pretrained = not self.config.model.random_init if pretrained is None else pretrained
-        enc_rng, head_rng, prefix_rng = jax.random.split(rng, 3)
+        enc_rng, head_rng, peft_rng = jax.random.split(rng, 3)
         encoder = self.init_encoder(enc_rng, pretrained)
         heads_lib.check_pooling(self.pooling, encoder)
-        if self.sharing == "soft":
-            encoder = soft_sharing.stack_copies(encoder, self.num_tasks)
+        # fold_in, not a 4-way split: the keys above (and so every existing init) stay the same.
+        encoder = self.sharing_strategy.init_encoder(jax.random.fold_in(enc_rng, 1), encoder,
+                                                     self.num_tasks)
         hidden = self.encoder_config.hidden_size
         feats = heads_lib.Features(jnp.zeros((1, 2, hidden)), jnp.ones((1, 2), jnp.int32),
                                    jnp.zeros((1, hidden)))
@@ -150,12 +138,8 @@ class MultiTaskModel:
         params = {"encoder": encoder,
                   "heads": {s.name: self.heads[s.name].init(r, feats)["params"]
                             for s, r in zip(self.specs, head_rngs)}}
-        if self.peft_kind == "prefix":
-            c = self.encoder_config
-            params["prefix"] = prefix_lib.init_prefix_params(
-                prefix_rng, num_tasks=self.num_tasks, prefix_length=self.config.peft.prefix_length,
-                hidden_size=c.hidden_size, prefix_hidden=self.config.peft.prefix_hidden,
-                num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim)
+        params.update(self.peft_method.init_params(peft_rng, self.config.peft, self.num_tasks,
+                                                   self.encoder_config))
         return params
 
     def abstract_params(self):
@@ -182,20 +166,11 @@ class MultiTaskModel:
         if not deterministic and rng is None:
             raise ValueError("deterministic=False needs an rng for dropout")
         homogeneous = self.homogeneous if homogeneous is None else homogeneous
-        prefix = (prefix_lib.gather_prefix(params["prefix"], batch["task_id"])
-                  if "prefix" in params else None)
-        encode = functools.partial(self._encode, batch=batch, prefix=prefix, rng=rng,
-                                   deterministic=deterministic)
-        if self.sharing == "hard":
-            hidden, pooled = encode(params["encoder"])
-        elif homogeneous:  # one encoder: the task of the first real example
-            first_real = jnp.argmax(batch["weight"] > 0)
-            hidden, pooled = encode(soft_sharing.select(params["encoder"],
-                                                        batch["task_id"][first_real]))
-        else:  # mixed: every task's encoder on the whole batch, each example keeps its own
-            hidden_all, pooled_all = jax.vmap(encode)(params["encoder"])
-            rows = jnp.arange(hidden_all.shape[1])
-            hidden, pooled = hidden_all[batch["task_id"], rows], pooled_all[batch["task_id"], rows]
+        prefix = self.peft_method.batch_prefix(params, batch)
+        run_encoder = functools.partial(self._encode, batch=batch, prefix=prefix, rng=rng,
+                                        deterministic=deterministic)
+        hidden, pooled = self.sharing_strategy.encode(run_encoder, params["encoder"], batch,
+                                                      homogeneous)
         return heads_lib.Features(hidden, batch["attention_mask"], pooled)
 
     def apply(self, params, batch, rng=None, deterministic=True, homogeneous=None):
@@ -210,22 +185,22 @@ class MultiTaskModel:
                 for s in self.specs}
 
     def task_losses(self, params, batch, rng=None, deterministic=False, homogeneous=None):
-        """-> (losses [T], counts [T], aux); aux["soft_penalty"] already includes lambda."""
+        """-> (losses [T], counts [T], aux); aux["soft_penalty"] already includes lambda and
+        aux["loss_denominators"] [T] is what each task's mean divides by (see losses.py)."""
         outputs = self.apply(params, batch, rng, deterministic, homogeneous)
-        losses, counts = losses_lib.task_mean_losses(outputs, batch, self.specs)
-        penalty = (soft_sharing.soft_penalty(params["encoder"], self.config.sharing.soft_penalty,
-                                             self.config.sharing.soft_lambda)
-                   if self.sharing == "soft" else jnp.zeros((), jnp.float32))
-        return losses, counts, {"soft_penalty": penalty}
+        sums, denominators, counts = losses_lib.task_loss_sums(outputs, batch, self.specs)
+        losses = losses_lib.mean_losses(sums, denominators)
+        penalty = self.sharing_strategy.penalty(params["encoder"], self.config.sharing)
+        return losses, counts, {"soft_penalty": penalty, "loss_denominators": denominators}
 
     # --- bookkeeping ----------------------------------------------------------------------
 
     def param_labels(self, params):
-        return summary_lib.param_labels(params)
+        return self.sharing_strategy.param_labels(params)
 
     def trainable_mask(self, params):
         """What the optimizer trains: its groups (optim.groups, or the PEFT defaults) decide."""
-        frozen = optim_lib.frozen_mask(self.config, params, self.param_labels(params))
+        frozen = param_groups.frozen_mask(self.config, params, self.param_labels(params))
         return jax.tree.map(lambda f: not f, frozen)
 
     def summary(self, params) -> str:
@@ -234,36 +209,31 @@ class MultiTaskModel:
     def logical_specs(self, params):
         """PartitionSpecs of logical axis names (from the encoder's boxes), () where unannotated.
 
-        Soft sharing puts None (replicated) on the leading task axis.
+        The sharing strategy maps one encoder's specs to its stored encoder leaves (soft sharing
+        puts None, replicated, on the leading task axis).
         """
         boxed = jax.eval_shape(lambda: self.encoder.init(jax.random.key(0),
                                                          **self._dummy_inputs())["params"])
         by_path = {path: spec for path, spec in jax.tree_util.tree_leaves_with_path(
             nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, PartitionSpec))}
-        task_axis = (None,) if self.sharing == "soft" else ()
 
         def spec_for(path, leaf):
             if summary_lib._names(path)[0] != "encoder":
                 return PartitionSpec()
-            spec = by_path.get(path[1:], PartitionSpec())
-            return PartitionSpec(*task_axis, *spec) if (spec or task_axis) else spec
+            return self.sharing_strategy.encoder_spec(path[1:],
+                                                      by_path.get(path[1:], PartitionSpec()))
 
         return jax.tree_util.tree_map_with_path(spec_for, params)
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.config)
+            self._tokenizer = tokenizer_for(self.config)
         return self._tokenizer
 
 
 def build_model(config, specs: Sequence[TaskSpec]) -> MultiTaskModel:
-    if config.sharing.mode not in SHARING_MODES:
-        raise UserError(f"sharing.mode={config.sharing.mode!r}; use one of {SHARING_MODES}")
-    if config.sharing.mode == "soft" and config.peft.kind != "none":
-        raise UserError("sharing.mode=soft trains one full encoder per task; set peft.kind=none "
-                        "(or use sharing.mode=hard with PEFT)")
-    soft_sharing.PENALTIES.get(config.sharing.soft_penalty)
+    sharing_lib.STRATEGIES.get(config.sharing.mode).check_config(config)
     specs = _check_specs(specs)
     overrides = encoder_overrides(config, len(specs))
     encoder_config = (_random_encoder_config(config, overrides) if config.model.random_init

@@ -1,24 +1,39 @@
-"""In-encoder PEFT: a Dense with per-task LoRA, per-task bottleneck adapters, and LoRA merging.
+"""PEFT: the ``peft.kind`` registry, a Dense with per-task LoRA, per-task bottleneck adapters, and
+LoRA merging.
 
 Per-task parameters are stacked on a leading task axis [num_tasks, ...] and gathered per example
 by ``task_ids`` [B], so a batch may mix tasks without a Python loop over them.
+
+``PEFT_KINDS`` maps a ``peft.kind`` to a ``PeftKind``: everything the kind needs from the model,
+as pure functions, so ``MultiTaskModel`` never tests the kind's name:
+
+  encoder_overrides(peft_config, num_tasks) -> dict        EncoderConfig fields (adapter, LoRA)
+  init_params(rng, peft_config, num_tasks, encoder_config) -> dict
+      extra top-level parameters beside "encoder" and "heads" (prefix: {"prefix": ...})
+  batch_prefix(params, batch) -> attention.Prefix | None   per-example prefix keys/values
+  freezes_checkpoint: bool                                  the default optimizer groups freeze
+      the pretrained checkpoint (summary.FROZEN_BY_PEFT) and train the heads and the PEFT params
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
+from mtl_jax.models import prefix as prefix_lib
+from mtl_jax.models.attention import Prefix
 from mtl_jax.models.encoder_config import EncoderConfig
 from mtl_jax.registry import Registry
 
 ACTIVATIONS: Registry[Callable] = Registry("activation")
 ACTIVATIONS.register("gelu", lambda x: jax.nn.gelu(x, approximate=False))  # BERT's exact erf GELU
-ACTIVATIONS.register("gelu_new", lambda x: jax.nn.gelu(x, approximate=True))  # tanh approx (T5 v1.1)
+# tanh approximation (T5 v1.1)
+ACTIVATIONS.register("gelu_new", lambda x: jax.nn.gelu(x, approximate=True))
 ACTIVATIONS.register("gelu_pytorch_tanh", lambda x: jax.nn.gelu(x, approximate=True))
 ACTIVATIONS.register("relu", jax.nn.relu)
 ACTIVATIONS.register("silu", jax.nn.silu)
@@ -80,8 +95,8 @@ class Dense(nn.Module):
         dtype = self.cfg.compute_dtype
         features = tuple(self.features)
         in_shape = x.shape[x.ndim - self.n_in:]
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                            in_shape + features, jnp.float32)
+        partitioned_init = nn.with_logical_partitioning(self.kernel_init, self.kernel_axes)
+        kernel = self.param("kernel", partitioned_init, in_shape + features, jnp.float32)
         y = _contract(x.astype(dtype), kernel.astype(dtype), self.n_in)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
@@ -155,3 +170,63 @@ def merge_lora(params: Mapping[str, Any], cfg: EncoderConfig, task_index: int) -
         return out
 
     return walk(params)
+
+
+# --- peft.kind entries -------------------------------------------------------------------------
+
+def _no_params(rng, peft_config, num_tasks: int, encoder_config: EncoderConfig) -> dict:
+    del rng, peft_config, num_tasks, encoder_config
+    return {}
+
+
+def _no_prefix(params, batch) -> Optional[Prefix]:
+    del params, batch
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftKind:
+    """One ``peft.kind``; the fields are described in the module docstring."""
+
+    encoder_overrides: Callable[[Any, int], dict]
+    freezes_checkpoint: bool = True
+    init_params: Callable[[Any, Any, int, EncoderConfig], dict] = _no_params
+    batch_prefix: Callable[[Any, Mapping[str, Any]], Optional[Prefix]] = _no_prefix
+
+
+PEFT_KINDS: Registry[PeftKind] = Registry("peft kind")
+
+
+def _no_overrides(peft_config, num_tasks: int) -> dict:
+    del peft_config, num_tasks
+    return {}
+
+
+def _adapter_overrides(peft_config, num_tasks: int) -> dict:
+    return dict(num_tasks=num_tasks, adapter_kind=peft_config.adapter_kind,
+                adapter_size=peft_config.adapter_size)
+
+
+def _lora_overrides(peft_config, num_tasks: int) -> dict:
+    return dict(num_tasks=num_tasks, lora_rank=peft_config.lora_rank,
+                lora_alpha=peft_config.lora_alpha, lora_dropout=peft_config.lora_dropout,
+                lora_targets=peft_config.lora_targets)
+
+
+def _init_prefix(rng, peft_config, num_tasks: int, encoder_config: EncoderConfig) -> dict:
+    c = encoder_config
+    return {"prefix": prefix_lib.init_prefix_params(
+        rng, num_tasks=num_tasks, prefix_length=peft_config.prefix_length,
+        hidden_size=c.hidden_size, prefix_hidden=peft_config.prefix_hidden,
+        num_layers=c.num_layers, num_heads=c.num_heads, head_dim=c.head_dim)}
+
+
+def _gather_prefix(params, batch) -> Prefix:
+    return prefix_lib.gather_prefix(params["prefix"], batch["task_id"])  # either prefix form
+
+
+PEFT_KINDS.register("none", PeftKind(encoder_overrides=_no_overrides, freezes_checkpoint=False))
+PEFT_KINDS.register("prefix", PeftKind(encoder_overrides=_no_overrides, init_params=_init_prefix,
+                                       batch_prefix=_gather_prefix))
+PEFT_KINDS.register("adapter", PeftKind(encoder_overrides=_adapter_overrides))
+PEFT_KINDS.register("lora", PeftKind(encoder_overrides=_lora_overrides))

@@ -51,7 +51,10 @@ def prefix_table(prefix_params):
 def gather_prefix(prefix_params, task_ids) -> Prefix:
     """Each example's own task prefix: keys/values [layers, B, P, heads, head_dim], mask [B, P]."""
     keys, values = prefix_table(prefix_params)
-    per_example = lambda x: jnp.swapaxes(x[task_ids], 0, 1)  # [B, layers, ...] -> [layers, B, ...]
+
+    def per_example(x):
+        return jnp.swapaxes(x[task_ids], 0, 1)  # [B, layers, ...] -> [layers, B, ...]
+
     keys, values = per_example(keys), per_example(values)
     mask = jnp.ones(keys.shape[1:3], jnp.int32)
     return Prefix(keys, values, mask)

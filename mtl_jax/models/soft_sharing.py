@@ -1,4 +1,6 @@
-"""Soft parameter sharing: one encoder per task, stacked on a leading task axis, tied by an L2 penalty.
+"""Soft parameter sharing: per-task encoders stacked on a leading task axis, tied by an L2 penalty.
+
+The math of the ``soft`` entry of ``sharing.STRATEGIES`` (the entry wires these functions in).
 
 ``params["encoder"]`` holds every encoder leaf as [T, ...] (all rows start from the same
 pretrained weights). The penalty (``sharing.soft_penalty``) is
@@ -37,6 +39,20 @@ def stack_copies(params, num_tasks: int):
 def select(stack, index):
     """Row ``index`` (a traced int is fine: a dynamic slice) of every leaf of a stacked tree."""
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False), stack)
+
+
+def encode(run_encoder, stack, batch, homogeneous: bool):
+    """(hidden, pooled) of each example from its own task's encoder (see the module docstring).
+
+    ``run_encoder(one_encoder_params) -> (hidden, pooled)`` runs one encoder on the whole batch.
+    """
+    task_ids = batch["task_id"]
+    if homogeneous:  # one encoder: the task of the first real example (padding rows may differ)
+        first_real = jnp.argmax(batch["weight"] > 0)
+        return run_encoder(select(stack, task_ids[first_real]))
+    hidden_all, pooled_all = jax.vmap(run_encoder)(stack)  # [T, B, ...]
+    rows = jnp.arange(hidden_all.shape[1])
+    return hidden_all[task_ids, rows], pooled_all[task_ids, rows]
 
 
 def _sum_sq_dev_from_mean(stack):

@@ -5,9 +5,10 @@ Labels, by parameter path:
   heads/<task>/...                             "heads/<task>"
   encoder/... with a lora_a|lora_b|*adapter* part "peft"
   encoder/pooler/...                           "pooler"
-  encoder/<embeddings>/...                     "embeddings" (word/position/type embeddings, T5 "shared")
+  encoder/<embeddings>/...                     "embeddings" (word/position/type, T5 "shared")
   any other encoder/...                        "encoder"
-With a PEFT kind (prefix, adapter, lora) "embeddings", "encoder" and "pooler" are frozen.
+With a PEFT kind that freezes the checkpoint (``PeftKind.freezes_checkpoint``: prefix, adapter,
+lora) "embeddings", "encoder" and "pooler" (``FROZEN_BY_PEFT``) are frozen by default.
 
 ``count``/``summary`` take a trainable mask: ``MultiTaskModel`` passes the optimizer's (from
 ``optim.groups``, which may freeze more than PEFT does); ``trainable_mask(params, peft_kind)`` is
@@ -19,6 +20,8 @@ import re
 
 import jax
 import numpy as np
+
+from mtl_jax.models.peft_layers import PEFT_KINDS
 
 PEFT_PATH = re.compile(r"(^|/)(lora_a|lora_b|[^/]*adapter[^/]*)(/|$)")
 EMBEDDING_SCOPES = re.compile(r"^(embeddings|embedder|shared|token_embedder|word_embeddings)$")
@@ -49,8 +52,13 @@ def param_labels(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: label_for(_names(p)), params)
 
 
+def frozen_labels(peft_kind: str) -> tuple[str, ...]:
+    """The labels ``peft_kind`` freezes by default: the pretrained checkpoint's, or none."""
+    return FROZEN_BY_PEFT if PEFT_KINDS.get(peft_kind).freezes_checkpoint else ()
+
+
 def trainable_mask(params, peft_kind: str):
-    frozen = FROZEN_BY_PEFT if peft_kind != "none" else ()
+    frozen = frozen_labels(peft_kind)
     return jax.tree.map(lambda label: label not in frozen, param_labels(params))
 
 

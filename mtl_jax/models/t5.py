@@ -69,7 +69,8 @@ class T5Encoder(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         dropout = lambda h: nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)  # noqa
         x = dropout(T5Embeddings(cfg, name="embeddings")(input_ids))
-        position_bias = RelativePositionBias(cfg, name="relative_attention_bias")(input_ids.shape[1])
+        position_bias = RelativePositionBias(cfg, name="relative_attention_bias")(
+            input_ids.shape[1])
         mask, bias, prefix_kv = prepare_attention(attention_mask, prefix, cfg.num_layers,
                                                   cfg.num_heads, cfg.head_dim, position_bias)
         x = LayerStack(cfg, name="layers")(x, prefix_kv, bias, mask, task_ids, deterministic)

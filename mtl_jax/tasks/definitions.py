@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from mtl_jax.errors import UserError
+from mtl_jax.tasks.types import TASK_TYPES
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -36,8 +37,6 @@ COMMON_FIELDS: dict[str, Any] = dict(
 
 def task_definition(type: str, **fields) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
     """A complete task definition of ``type`` with ``fields`` overriding the defaults."""
-    from mtl_jax.tasks.types import TASK_TYPES
-
     task_type = TASK_TYPES.get(type)
     defaults = dict(COMMON_FIELDS, **task_type.extra_fields, type=type)
     if not fields.get("metrics"):
@@ -45,7 +44,8 @@ def task_definition(type: str, **fields) -> ml_collections.ConfigDict:  # pylint
     unknown = sorted(set(fields) - set(defaults))
     if unknown:
         near = difflib.get_close_matches(unknown[0], defaults, n=2)
-        hint = f"; did you mean {', '.join(near)}?" if near else f"; valid fields: {', '.join(sorted(defaults))}"
+        hint = (f"; did you mean {', '.join(near)}?" if near
+                else f"; valid fields: {', '.join(sorted(defaults))}")
         raise UserError(f"unknown task field {unknown[0]!r} for type {type!r}{hint}")
     merged = dict(defaults, **fields)
     merged["data"] = ml_collections.ConfigDict(dict(merged["data"]))
@@ -57,12 +57,13 @@ def task_definition(type: str, **fields) -> ml_collections.ConfigDict:  # pylint
 def normalize(name: str, definition) -> ml_collections.ConfigDict:
     """Fills defaults into a (possibly partial) user definition and checks it."""
     if not isinstance(definition, (dict, ml_collections.ConfigDict)):
-        raise UserError(f"tasks.{name} must be a dict of task fields, got {type(definition).__name__}")
-    fields = dict(definition.items()) if isinstance(definition, ml_collections.ConfigDict) else dict(definition)
+        raise UserError(f"tasks.{name} must be a dict of task fields, "
+                        f"got {type(definition).__name__}")
+    fields = (dict(definition.items()) if isinstance(definition, ml_collections.ConfigDict)
+              else dict(definition))
     if not fields.get("type"):
-        from mtl_jax.tasks.types import TASK_TYPES
-
-        raise UserError(f"tasks.{name}.type is not set; valid task types: {', '.join(TASK_TYPES.names())}")
+        raise UserError(f"tasks.{name}.type is not set; "
+                        f"valid task types: {', '.join(TASK_TYPES.names())}")
     type_name = fields.pop("type")
     try:
         definition = task_definition(type_name, **fields)
@@ -77,8 +78,8 @@ def normalize(name: str, definition) -> ml_collections.ConfigDict:
 def task_definitions(config) -> dict[str, ml_collections.ConfigDict]:
     """``config.tasks`` as name -> full definition, in config order."""
     if not config.tasks:
-        raise UserError("config.tasks is empty; add a task, e.g. "
-                        "config.tasks.sst2 = mtl_jax.tasks.presets.local_task('sst2', '../shared/data')")
+        raise UserError("config.tasks is empty; add a task, e.g. config.tasks.sst2 = "
+                        "mtl_jax.tasks.presets.local_task('sst2', '../shared/data')")
     return {name: normalize(name, d) for name, d in config.tasks.items()}
 
 
@@ -101,7 +102,8 @@ def dataset_info(definition) -> dict:
             try:
                 return json.loads(info.read_text())
             except json.JSONDecodeError as e:
-                raise UserError(f"{info} is not valid JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
+                raise UserError(f"{info} is not valid JSON ({e.msg} at line {e.lineno}); "
+                                f"fix or delete it") from None
     return {}
 
 

@@ -17,33 +17,42 @@ _ENT2 = ("entailment", "not_entailment")
 _NER = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 
 
-def _glue(config: str, text_fields, label_names=(), metrics=("accuracy",), type="sequence_classification",
-          validation="validation", max_length=128):
-    return dict(type=type, hub="glue", hub_config=config, data=dict(train="train", validation=validation),
-                text_fields=text_fields, label_names=label_names, metrics=metrics, max_length=max_length)
+def _glue(config: str, text_fields, label_names=(), metrics=("accuracy",),
+          type="sequence_classification", validation="validation", max_length=128):
+    return dict(type=type, hub="glue", hub_config=config,
+                data=dict(train="train", validation=validation),
+                text_fields=text_fields, label_names=label_names, metrics=metrics,
+                max_length=max_length)
 
 
 PRESETS: dict[str, dict] = {
-    "cola": _glue("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_corrcoef", "accuracy")),
+    "cola": _glue("cola", ("sentence",), ("unacceptable", "acceptable"),
+                  ("matthews_corrcoef", "accuracy")),
     "sst2": _glue("sst2", ("sentence",), ("negative", "positive")),
-    "mrpc": _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1")),
-    "qqp": _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1")),
-    "stsb": _glue("stsb", ("sentence1", "sentence2"), metrics=("pearson", "spearman"), type="sequence_regression"),
+    "mrpc": _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
+                  ("accuracy", "f1")),
+    "qqp": _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"),
+                 ("accuracy", "f1")),
+    "stsb": _glue("stsb", ("sentence1", "sentence2"), metrics=("pearson", "spearman"),
+                  type="sequence_regression"),
     "mnli": _glue("mnli", ("premise", "hypothesis"), _NLI3, validation="validation_matched"),
-    "mnli_mismatched": _glue("mnli", ("premise", "hypothesis"), _NLI3, validation="validation_mismatched"),
+    "mnli_mismatched": _glue("mnli", ("premise", "hypothesis"), _NLI3,
+                             validation="validation_mismatched"),
     "qnli": _glue("qnli", ("question", "sentence"), _ENT2),
     "rte": _glue("rte", ("sentence1", "sentence2"), _ENT2, max_length=256),
     "wnli": _glue("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment")),
     "ax": _glue("ax", ("premise", "hypothesis"), _NLI3),
-    "conll2003": dict(type="token_classification", hub="conll2003", data=dict(train="train", validation="validation",
-                                                                               test="test"),
-                      text_fields=("tokens",), label_field="ner_tags", label_names=_NER, metrics=("seqeval",),
-                      max_length=128),
-    "squad": dict(type="extractive_qa", hub="squad", data=dict(train="train", validation="validation"),
-                  text_fields=("question", "context"), label_field="answers", metrics=("squad",), max_length=384,
-                  doc_stride=128),
+    "conll2003": dict(type="token_classification", hub="conll2003",
+                      data=dict(train="train", validation="validation", test="test"),
+                      text_fields=("tokens",), label_field="ner_tags", label_names=_NER,
+                      metrics=("seqeval",), max_length=128),
+    "squad": dict(type="extractive_qa", hub="squad",
+                  data=dict(train="train", validation="validation"),
+                  text_fields=("question", "context"), label_field="answers", metrics=("squad",),
+                  max_length=384, doc_stride=128),
 }
-# The hub's GLUE "ax" split is test-only (unlabelled); keep it out of the hub preset's training data.
+# The hub's GLUE "ax" split is test-only (unlabelled); keep it out of the hub preset's training
+# data.
 PRESETS["ax"]["data"] = dict(validation="test")
 
 

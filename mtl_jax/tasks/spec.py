@@ -14,7 +14,8 @@ class TaskSpec:
     """
 
     name: str
-    type: str  # sequence_classification | sequence_regression | token_classification | extractive_qa
+    # sequence_classification | sequence_regression | token_classification | extractive_qa
+    type: str
     num_labels: int
     index: int
     label_names: tuple[str, ...] = ()

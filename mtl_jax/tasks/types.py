@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from mtl_jax.data import tokenize
 from mtl_jax.errors import UserError
+from mtl_jax.evaluation.qa_postprocess import best_answers
 from mtl_jax.registry import Registry
+from mtl_jax.text import tokenize
 
 
 class TaskType:
@@ -32,7 +33,8 @@ class TaskType:
 
     def check_definition(self, task: str, definition) -> None:
         if not definition.text_fields:
-            raise UserError(f"tasks.{task}.text_fields is empty; name the input column(s), e.g. ('sentence',)")
+            raise UserError(f"tasks.{task}.text_fields is empty; name the input column(s), "
+                            f"e.g. ('sentence',)")
 
     def parse(self, record: dict, where: str, definition, label_ids: dict) -> dict | None:
         """A validated example, or None when its text is empty."""
@@ -43,7 +45,8 @@ class TaskType:
         value = record.get(definition.label_field)
         return value if isinstance(value, list) else [value]
 
-    def tokenize(self, examples: list[dict], tokenizer, definition, data_config, label_names) -> dict:
+    def tokenize(self, examples: list[dict], tokenizer, definition, data_config,
+                 label_names) -> dict:
         raise NotImplementedError
 
     def postprocess(self, examples: list[dict], features, outputs: list[np.ndarray], definition,
@@ -84,8 +87,8 @@ def label_id(value, where: str, label_ids: dict) -> int:
         index = None
     if index is None or not 0 <= index < len(label_ids):
         names = ", ".join(label_ids)
-        raise UserError(f"{where}: label {value!r} is not one of the label names ({names}) nor an index into "
-                        f"them; fix the row or the task's label_names")
+        raise UserError(f"{where}: label {value!r} is not one of the label names ({names}) nor an "
+                        f"index into them; fix the row or the task's label_names")
     return index
 
 
@@ -98,11 +101,13 @@ class SequenceClassification(TaskType):
 
     def parse(self, record, where, definition, label_ids):
         texts = _texts(record, definition)
-        return None if texts is None else dict(texts=texts, label=label_id(record[definition.label_field], where,
-                                                                           label_ids))
+        if texts is None:
+            return None
+        return dict(texts=texts, label=label_id(record[definition.label_field], where, label_ids))
 
     def tokenize(self, examples, tokenizer, definition, data_config, label_names):
-        arrays = tokenize.encode_texts(tokenizer, [e["texts"] for e in examples], definition.max_length)
+        arrays = tokenize.encode_texts(tokenizer, [e["texts"] for e in examples],
+                                       definition.max_length)
         arrays["label"] = np.array([e["label"] for e in examples], np.int32)
         return arrays
 
@@ -135,11 +140,13 @@ class SequenceRegression(TaskType):
         except (TypeError, ValueError):
             target = math.nan
         if not math.isfinite(target):
-            raise UserError(f"{where}: regression target {value!r} is not a finite number; fix the row")
+            raise UserError(f"{where}: regression target {value!r} is not a finite number; "
+                            f"fix the row")
         return dict(texts=texts, target=target)
 
     def tokenize(self, examples, tokenizer, definition, data_config, label_names):
-        arrays = tokenize.encode_texts(tokenizer, [e["texts"] for e in examples], definition.max_length)
+        arrays = tokenize.encode_texts(tokenizer, [e["texts"] for e in examples],
+                                       definition.max_length)
         arrays["target"] = np.array([e["target"] for e in examples], np.float32)
         return arrays
 
@@ -160,25 +167,30 @@ class TokenClassification(TaskType):
 
     def check_definition(self, task, definition):
         if len(definition.text_fields) != 1:
-            raise UserError(f"tasks.{task}.text_fields must name one column of word lists, e.g. ('tokens',)")
+            raise UserError(f"tasks.{task}.text_fields must name one column of word lists, "
+                            f"e.g. ('tokens',)")
 
     def parse(self, record, where, definition, label_ids):
         words, tags = record[definition.text_fields[0]], record[definition.label_field]
         if not isinstance(words, list) or not isinstance(tags, list):
-            raise UserError(f"{where}: {definition.text_fields[0]!r} and {definition.label_field!r} must be lists "
-                            f"(one entry per word)")
+            raise UserError(f"{where}: {definition.text_fields[0]!r} and "
+                            f"{definition.label_field!r} must be lists (one entry per word)")
         if len(words) != len(tags):
-            raise UserError(f"{where}: {len(words)} tokens but {len(tags)} tags; each word needs exactly one tag")
+            raise UserError(f"{where}: {len(words)} tokens but {len(tags)} tags; "
+                            f"each word needs exactly one tag")
         if not words:
             return None
-        return dict(words=[str(w) for w in words], tags=[label_id(t, where, label_ids) for t in tags])
+        return dict(words=[str(w) for w in words],
+                    tags=[label_id(t, where, label_ids) for t in tags])
 
     def tokenize(self, examples, tokenizer, definition, data_config, label_names):
-        return tokenize.encode_words(tokenizer, [e["words"] for e in examples], [e["tags"] for e in examples],
-                                     definition.max_length, data_config.label_all_subtokens, tuple(label_names))
+        return tokenize.encode_words(tokenizer, [e["words"] for e in examples],
+                                     [e["tags"] for e in examples], definition.max_length,
+                                     data_config.label_all_subtokens, tuple(label_names))
 
     def postprocess(self, examples, features, outputs, definition, label_names):
-        """Tag of each word = argmax at its first sub-token; words cut by truncation count as "O"."""
+        """Tag of each word = argmax at its first sub-token; words cut by truncation count as
+        "O"."""
         outside = "O" if "O" in label_names else label_names[0]
         predictions, references = [], []
         for i, (example, logits) in enumerate(zip(examples, outputs)):
@@ -216,8 +228,8 @@ class ExtractiveQA(TaskType):
             raise UserError(f"tasks.{task}.text_fields must be (question_column, context_column), "
                             f"got {tuple(definition.text_fields)}")
         if definition.doc_stride >= definition.max_length // 2:
-            raise UserError(f"tasks.{task}.doc_stride={definition.doc_stride} must be < max_length/2 "
-                            f"({definition.max_length // 2}); lower it")
+            raise UserError(f"tasks.{task}.doc_stride={definition.doc_stride} must be < "
+                            f"max_length/2 ({definition.max_length // 2}); lower it")
 
     def columns(self, definition):
         return (*definition.text_fields, definition.label_field)
@@ -232,23 +244,26 @@ class ExtractiveQA(TaskType):
             return None
         answers = record[definition.label_field]
         if not isinstance(answers, dict) or "text" not in answers:
-            raise UserError(f"{where}: {definition.label_field!r} must be {{'text': [...], 'answer_start': [...]}}")
+            raise UserError(f"{where}: {definition.label_field!r} must be "
+                            f"{{'text': [...], 'answer_start': [...]}}")
         texts = list(answers["text"]) if isinstance(answers["text"], list) else [answers["text"]]
         starts = answers.get("answer_start", [-1] * len(texts))
         starts = list(starts) if isinstance(starts, list) else [starts]
         if not texts:
-            raise UserError(f"{where}: the question has no answer; extractive QA (SQuAD v1.1) needs one")
+            raise UserError(f"{where}: the question has no answer; "
+                            f"extractive QA (SQuAD v1.1) needs one")
         spans = [_answer_span(context, str(t), int(s), where) for t, s in zip(texts, starts)]
         qid = str(record.get(definition.id_field, where))
-        return dict(id=qid, question=question, context=context, answers=[str(t) for t in texts], spans=spans)
+        return dict(id=qid, question=question, context=context, answers=[str(t) for t in texts],
+                    spans=spans)
 
     def tokenize(self, examples, tokenizer, definition, data_config, label_names):
-        return tokenize.encode_qa(tokenizer, [e["question"] for e in examples], [e["context"] for e in examples],
-                                  [e["spans"][0] for e in examples], definition.max_length, definition.doc_stride)
+        return tokenize.encode_qa(tokenizer, [e["question"] for e in examples],
+                                  [e["context"] for e in examples],
+                                  [e["spans"][0] for e in examples], definition.max_length,
+                                  definition.doc_stride)
 
     def postprocess(self, examples, features, outputs, definition, label_names):
-        from mtl_jax.evaluation.qa_postprocess import best_answers
-
         predictions = best_answers(examples, features, outputs, n_best=definition.n_best,
                                    max_answer_length=definition.max_answer_length)
         return dict(predictions=predictions, references=[e["answers"] for e in examples])
@@ -257,9 +272,11 @@ class ExtractiveQA(TaskType):
         start, end = example["spans"][0]
         context = example["context"]
         left, right = max(0, start - 60), min(len(context), end + 60)
-        snippet = f"{'...' if left else ''}{context[left:start]}[[{context[start:end]}]]{context[end:right]}" \
-                  f"{'...' if right < len(context) else ''}"
-        return f"Q: {example['question']}\n    C: {snippet}\n    A: {example['answers'][0]!r} (chars {start}-{end})"
+        snippet = (f"{'...' if left else ''}{context[left:start]}"
+                   f"[[{context[start:end]}]]{context[end:right]}"
+                   f"{'...' if right < len(context) else ''}")
+        return (f"Q: {example['question']}\n    C: {snippet}\n"
+                f"    A: {example['answers'][0]!r} (chars {start}-{end})")
 
 
 def _answer_span(context: str, text: str, start: int, where: str) -> tuple[int, int]:
@@ -269,4 +286,5 @@ def _answer_span(context: str, text: str, start: int, where: str) -> tuple[int, 
     if start < 0 and text and text in context:
         found = context.index(text)
         return found, found + len(text)
-    raise UserError(f"{where}: answer {text!r} does not occur in its context at answer_start={start}; fix the row")
+    raise UserError(f"{where}: answer {text!r} does not occur in its context at "
+                    f"answer_start={start}; fix the row")

@@ -41,6 +41,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from mtl_jax.models import param_groups
+
 # Dense bf16 peak FLOPs/s per device (vendor data sheets), matched on jax's device_kind.
 # Ordered: the first pattern found in the lower-cased device kind wins.
 PEAK_FLOPS = (
@@ -101,29 +103,30 @@ class TrainCost:
 
 
 # Label kind (``param_labels`` up to the first "/") -> the share of a leaf's parameters one example
-# multiplies per token, given (soft sharing?, number of tasks).
-PER_TOKEN_SHARE: dict[str, Callable[[bool, int], float]] = {
-    "embeddings": lambda soft, t: 0.0,  # table lookups
-    "prefix": lambda soft, t: 0.0,  # the prefix MLP runs once per step, not per token
-    "peft": lambda soft, t: 1.0 / t,  # [T, ...]: each example gathers its own task's rows
-    "encoder": lambda soft, t: 1.0 / t if soft else 1.0,  # soft: T stacked encoders, one used
-    "pooler": lambda soft, t: 1.0 / t if soft else 1.0,
-    "heads": lambda soft, t: 1.0,  # every head runs on every example
+# multiplies per token, given (the sharing strategy's encoder share, number of tasks).
+PER_TOKEN_SHARE: dict[str, Callable[[float, int], float]] = {
+    "embeddings": lambda share, t: 0.0,  # table lookups
+    "prefix": lambda share, t: 0.0,  # the prefix MLP runs once per step, not per token
+    "peft": lambda share, t: 1.0 / t,  # [T, ...]: each example gathers its own task's rows
+    "encoder": lambda share, t: share,  # soft: T stacked encoders, one used (share 1/T)
+    "pooler": lambda share, t: share,
+    "heads": lambda share, t: 1.0,  # every head runs on every example
 }
 HEAD_SIDE = ("heads", "pooler")  # after the encoder: training only these needs no encoder backward
 
 
-def train_cost(params: Any, labels: Any, frozen: Any, *, sharing: str, num_tasks: int,
+def train_cost(params: Any, labels: Any, frozen: Any, *, encoder_share: float, num_tasks: int,
                num_layers: int, attention_dim: int, prefix_length: int = 0) -> TrainCost:
     """``TrainCost`` from the params (arrays or ShapeDtypeStructs), their labels
-    (``MultiTaskModel.param_labels``) and the optimizer's frozen mask (``optim.frozen_mask``)."""
+    (``MultiTaskModel.param_labels``) and the optimizer's frozen mask
+    (``param_groups.frozen_mask``)."""
     treedef = jax.tree.structure(params)
     n = trainable = heads = 0.0
     encoder_backward = False
     for leaf, label, is_frozen in zip(jax.tree.leaves(params), treedef.flatten_up_to(labels),
                                       treedef.flatten_up_to(frozen)):
         kind = label.split("/")[0]
-        size = int(np.prod(np.shape(leaf))) * PER_TOKEN_SHARE[kind](sharing == "soft", num_tasks)
+        size = int(np.prod(np.shape(leaf))) * PER_TOKEN_SHARE[kind](encoder_share, num_tasks)
         n += size
         heads += size if kind in HEAD_SIDE else 0.0
         trainable += 0.0 if is_frozen else size
@@ -135,14 +138,13 @@ def train_cost(params: Any, labels: Any, frozen: Any, *, sharing: str, num_tasks
 
 def train_cost_of(model) -> TrainCost:
     """``train_cost`` of a ``MultiTaskModel`` (shapes only: nothing is initialised)."""
-    from mtl_jax.training import optim
-
     shapes = model.abstract_params()
     labels = model.param_labels(shapes)
     enc = model.encoder_config
     prefix = shapes.get("prefix", {}).get("embedding")  # [T, P, hidden]
-    return train_cost(shapes, labels, optim.frozen_mask(model.config, shapes, labels),
-                      sharing=model.sharing, num_tasks=model.num_tasks,
+    return train_cost(shapes, labels, param_groups.frozen_mask(model.config, shapes, labels),
+                      encoder_share=model.sharing_strategy.encoder_share(model.num_tasks),
+                      num_tasks=model.num_tasks,
                       num_layers=enc.num_layers, attention_dim=enc.num_heads * enc.head_dim,
                       prefix_length=0 if prefix is None else prefix.shape[1])
 

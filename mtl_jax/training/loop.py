@@ -2,7 +2,8 @@
 
     state <- latest checkpoint of WORKDIR (data order and early-stopping progress included)
              or a fresh TrainState
-    every step          train_step; metrics summed on device (no host sync)
+    every step          train_step; metrics summed on device (metrics_window: no host sync,
+                        host values placed explicitly)
     every log_every     pull the window: mean losses, examples/s, tokens/s, MFU -> metrics.jsonl,
                         TensorBoard, progress bar; a non-finite loss stops here (nan_policy=stop)
     every eval_every    evaluate every task, early stopping on train.early_stopping_metric,
@@ -23,76 +24,22 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from mtl_jax.checkpoints.manager import CheckpointManager
 from mtl_jax.errors import RunStopped, UserError
 from mtl_jax.training import evaluate_loop, flops
 from mtl_jax.training import workdir as workdir_lib
 from mtl_jax.training.early_stopping import EarlyStopping, select_metric
+from mtl_jax.training.metrics_window import DeviceWindow, HostWindow, task_presence
 from mtl_jax.training.metrics_writer import METRICS_FILE, MetricsWriter
 from mtl_jax.training.preemption import PreemptionGuard
 from mtl_jax.training.results import write_results
-
-# Test hook: after step K (or the first step past it, when a resume starts there) the loop waits
-# (checkpoints written) until a stop signal arrives, so tests can SIGTERM or SIGKILL a run at a
-# known point.
-PAUSE_ENV = "MTL_JAX_TEST_PAUSE_AT_STEP"
 
 
 class NonFiniteLoss(UserError):
     """The loss went NaN/inf with ``train.nan_policy=stop``; the last good checkpoint is kept."""
 
     exit_code = 3
-
-
-# --- metric windows, summed on device between log steps ----------------------------------------
-
-def _task_of(key: str) -> str | None:
-    return key[len("train/loss/"):] if key.startswith("train/loss/") else None
-
-
-@jax.jit
-def _accumulate(window, metrics, step, task_present):
-    """Adds one step's metrics to the window; non-finite steps are counted, not summed."""
-    finite = metrics["train/finite"]
-    sums = {k: window["sums"][k] + jnp.where(finite, v.astype(jnp.float32), 0.0)
-            for k, v in metrics.items() if k != "train/finite"}
-    first = (window["first_bad"] < 0) & ~finite  # the tasks named are those of the first bad step
-    bad = {k: jnp.where(first, ~jnp.isfinite(metrics[k]), window["bad"][k]) for k in window["bad"]}
-    present = window["present"] + (task_present & finite)
-    first_bad = jnp.where(first, step, window["first_bad"])
-    return dict(sums=sums, bad=bad, present=present, first_bad=first_bad,
-                nonfinite=window["nonfinite"] + (~finite).astype(jnp.int32))
-
-
-def _empty_window(metrics, num_tasks: int):
-    return dict(sums={k: jnp.zeros([], jnp.float32) for k in metrics if k != "train/finite"},
-                bad={k: jnp.zeros([], bool) for k in metrics if _task_of(k)},
-                present=jnp.zeros([num_tasks], jnp.int32),
-                first_bad=jnp.asarray(-1, jnp.int32), nonfinite=jnp.asarray(0, jnp.int32))
-
-
-@dataclasses.dataclass
-class HostWindow:
-    """What the host counts between log steps (from the NumPy batches: no device sync)."""
-
-    steps: int = 0
-    examples: float = 0.0
-    tokens: float = 0.0
-    flops: float = 0.0
-    paused: float = 0.0  # seconds spent evaluating/checkpointing, not training
-    start: float = dataclasses.field(default_factory=time.perf_counter)
-
-    def seconds(self) -> float:
-        return max(time.perf_counter() - self.start - self.paused, 1e-9)
-
-
-def _task_presence(batch, num_tasks: int) -> np.ndarray:
-    real = np.asarray(batch["weight"]).reshape(-1) > 0
-    ids = np.asarray(batch["task_id"]).reshape(-1)[real]
-    return np.isin(np.arange(num_tasks), ids).astype(np.int32)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -111,16 +58,21 @@ class Progress:
 
     def restore(self, loop_state: dict) -> "Progress":
         return Progress(self.stopper.restore(loop_state.get("early_stopping")),
-                        dict(loop_state.get("last_eval") or {}), dict(loop_state.get("best_eval") or {}))
+                        dict(loop_state.get("last_eval") or {}),
+                        dict(loop_state.get("best_eval") or {}))
 
 
 def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
-          step_fn: Callable | None = None) -> dict | None:
+          step_fn: Callable | None = None,
+          after_step: Callable[[int, "Loop"], None] | None = None) -> dict | None:
     """Trains ``run`` (a runner.Run) in ``workdir``; returns the results record. A signal stops
     it after a checkpoint with ``RunStopped`` (exit code 75: run again to resume).
 
-    ``evaluate_fn(state, step) -> ({task: metrics}, {task: report})`` replaces the evaluation
-    and ``step_fn(train_step) -> train_step`` wraps the step (both for tests).
+    Hooks (for tests and tools): ``evaluate_fn(state, step) -> ({task: metrics}, {task:
+    report})`` replaces the evaluation, ``step_fn(train_step) -> train_step`` wraps the step,
+    and ``after_step(step, loop)`` runs at the end of every step, once its log, evaluation and
+    checkpoint are done (``loop.ckpt``, ``loop.writer`` and ``loop.guard`` are the run's
+    CheckpointManager, MetricsWriter and PreemptionGuard).
     """
     config, t = run.config, run.config.train
     evaluate_fn = evaluate_fn or (lambda state, step: evaluate_loop.evaluate(run, state))
@@ -144,8 +96,8 @@ def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
                                    None if restored is None else restored.step, sys.argv)
     _say_summary(run, state)
     writer = MetricsWriter(workdir, resume_step=step if restored is not None else None)
-    loop = _Loop(run, workdir, ckpt, writer, it, progress, evaluate_fn, primary,
-                 step_fn(run.train_step()) if step_fn else run.train_step())
+    loop = Loop(run, workdir, ckpt, writer, it, progress, evaluate_fn, primary,
+                step_fn(run.train_step()) if step_fn else run.train_step(), after_step)
     try:
         state, step, signal = loop.steps(state, step)
     finally:
@@ -184,16 +136,22 @@ def _set_aside_metrics(workdir: str) -> str | None:
     return os.path.basename(aside)
 
 
-class _Loop:
-    def __init__(self, run, workdir, ckpt, writer, it, progress, evaluate_fn, primary, train_step):
+class Loop:
+    """One sitting's steps; what ``train``'s ``after_step(step, loop)`` hook is given."""
+
+    def __init__(self, run, workdir, ckpt, writer, it, progress, evaluate_fn, primary, train_step,
+                 after_step=None):
         self.run, self.config, self.workdir = run, run.config, workdir
         self.ckpt, self.writer, self.it, self.progress = ckpt, writer, it, progress
         self.evaluate_fn, self.primary, self.train_step = evaluate_fn, primary, train_step
-        self.num_tasks = len(run.model.specs)
+        self.after_step = after_step or (lambda step, loop: None)
+        self.guard: PreemptionGuard | None = None  # while the steps run
+        self.task_names = [s.name for s in run.model.specs]
         self.cost = flops.train_cost_of(run.model)  # soft sharing, frozen params: see flops.py
         self.peak = flops.device_peak_flops()
-        self.rng = jax.random.PRNGKey(int(self.config.seed))  # the step folds in state.step
-        self.pause_at = int(os.environ.get(PAUSE_ENV, "0") or 0)
+        # The step folds in state.step. Placed once, explicitly: left on one device it would be
+        # copied to the step's devices implicitly at every step.
+        self.rng = run.strategy.place_rng(jax.random.PRNGKey(int(self.config.seed)))
 
     # --- main loop -------------------------------------------------------------------------
     def steps(self, state, step):
@@ -204,6 +162,7 @@ class _Loop:
         bar = _progress_bar(t, step)
         window, host = None, HostWindow()
         with PreemptionGuard() as guard, bar:
+            self.guard = guard
             while step < t.num_steps:
                 if self._stop_requested(guard, step):
                     self._check_finite(window, step)
@@ -214,11 +173,10 @@ class _Loop:
                 state, metrics = self.train_step(state, placed, self.rng)
                 step += 1
                 self.ckpt.poll()  # a failed background save stops the run here, not hours later
-                present = _task_presence(batch, self.num_tasks)
                 if window is None:
-                    window = _empty_window(metrics, self.num_tasks)
-                window = _accumulate(window, metrics, np.int32(step), present)
-                self._count(host, batch)
+                    window = DeviceWindow.empty(metrics, len(self.task_names))
+                window = window.add(metrics, step, task_presence(batch, len(self.task_names)))
+                host.add(batch, self.cost.per_example)
                 bar.update(1)
                 last = step == t.num_steps
                 is_log, is_eval = step % t.log_every == 0 or last, step % t.eval_every == 0 or last
@@ -239,8 +197,7 @@ class _Loop:
                          f"evaluations (best {self.progress.stopper.best_value:.4f} at step "
                          f"{self.progress.stopper.best_step})")
                     return state, step, None
-                if self.pause_at and step >= self.pause_at:
-                    self._pause(guard, step)
+                self.after_step(step, self)
         return state, step, None
 
     def _stop_requested(self, guard, step) -> bool:
@@ -249,71 +206,35 @@ class _Loop:
         # Every process must agree, which costs a collective: only at log steps.
         return step % self.config.train.log_every == 0 and guard.should_stop()
 
-    def _pause(self, guard, step):
-        self.ckpt.wait()
-        self.writer.flush()
-        _say(f"paused at step {step}")
-        while not guard.requested:
-            time.sleep(0.02)
-
     # --- pieces ---------------------------------------------------------------------------
-    def _count(self, host: HostWindow, batch) -> None:
-        weight = np.asarray(batch["weight"])
-        real = weight > 0
-        length = np.shape(batch["input_ids"])[-1]
-        n = float(real.sum()) * jax.process_count()
-        host.steps += 1
-        host.examples += n
-        host.tokens += float(np.asarray(batch["attention_mask"])[real].sum()) * jax.process_count()
-        host.flops += n * self.cost.per_example(length)
-
     def _check_finite(self, window, step) -> None:
         """Host sync: a non-finite loss since the last check stops the run (nan_policy=stop)."""
         if window is None or self.config.train.nan_policy != "stop":
             return
-        nonfinite, first_bad, bad = jax.device_get(
-            (window["nonfinite"], window["first_bad"], window["bad"]))
-        if not nonfinite:
+        found = window.first_nonfinite()
+        if found is None:
             return
-        tasks = sorted(_task_of(k) for k, v in bad.items() if v)
+        first_bad, tasks = found
         what = f"tasks: {', '.join(tasks)}" if tasks else "the gradient norm"
         self.ckpt.wait()
         good = self.ckpt.latest_step()
         kept = (f"the last good checkpoint is step {good} in {self.ckpt.directory}" if good
                 else "no checkpoint was written yet")
-        raise NonFiniteLoss(f"loss is not finite at step {int(first_bad)} ({what}); stopped, "
+        raise NonFiniteLoss(f"loss is not finite at step {first_bad} ({what}); stopped, "
                             f"{kept}; lower optim.lr or set train.nan_policy=skip")
 
-    def _log(self, step, window, host: HostWindow, bar) -> None:
-        w = jax.device_get(window)
-        good = host.steps - int(w["nonfinite"])
-        names = [s.name for s in self.run.model.specs]
-        out = {}
-        for key, total in (w["sums"].items() if good else ()):  # all skipped: no means
-            task = _task_of(key)
-            if task is None:
-                out[key] = float(total) / good
-            elif w["present"][names.index(task)]:
-                out[key] = float(total) / int(w["present"][names.index(task)])
-        seconds = host.seconds()
-        out["train/examples_per_s"] = host.examples / seconds
-        out["train/tokens_per_s"] = host.tokens / seconds
-        out["train/steps_per_s"] = host.steps / seconds
-        mfu = flops.mfu(host.examples / seconds, host.flops / max(host.examples, 1.0), self.peak,
-                        jax.device_count())
-        if mfu is not None:
-            out["train/mfu"] = mfu
-        if int(w["nonfinite"]):
-            out["train/skipped_steps"] = float(w["nonfinite"])
+    def _log(self, step, window: DeviceWindow, host: HostWindow, bar) -> None:
+        out = window.read(host, self.task_names, self.peak)
         self.writer.write(step, out)
-        remaining = (self.config.train.num_steps - step) * seconds / host.steps
+        seconds_per_step = 1.0 / out["train/steps_per_s"]
+        remaining = (self.config.train.num_steps - step) * seconds_per_step
         loss = out.get("train/loss", math.nan)
         bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{out['train/examples_per_s']:.1f}",
                         refresh=False)
         if bar.disable:
             _say(f"step {step}/{self.config.train.num_steps}: loss {loss:.4f}, "
                  f"{out['train/examples_per_s']:.1f} examples/s, "
-                 f"{seconds / host.steps:.3f} s/step, eta {_duration(remaining)}")
+                 f"{seconds_per_step:.3f} s/step, eta {_duration(remaining)}")
 
     def _evaluate(self, state, step) -> float | None:
         metrics, reports = self.evaluate_fn(state, step)
@@ -340,7 +261,7 @@ class _Loop:
         return score
 
     def _save(self, state, step, score) -> None:
-        self.ckpt.save(step, self.run.placement.saved(state), data_state=self.it.get_state(),
+        self.ckpt.save(step, self.run.strategy.saved(state), data_state=self.it.get_state(),
                        config=self.run.config_json, metric=score,
                        loop_state=self.progress.state_dict())
 
@@ -384,7 +305,7 @@ def _say(message: str) -> None:
 
 def _say_summary(run, state) -> None:
     if jax.process_index() == 0:
-        print(run.model.summary(run.placement.saved(state).params), flush=True)
+        print(run.model.summary(run.strategy.saved(state).params), flush=True)
 
 
 def _duration(seconds: float) -> str:

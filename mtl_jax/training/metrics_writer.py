@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -55,8 +56,11 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             purge = 0 if resume_step is None else resume_step + 1
+            # tensorboardX names a file by the second it was opened in: a sitting started within
+            # the same second as the one before would overwrite that one's file. The suffix keeps
+            # every sitting's file, in the order TensorBoard reads them (by name).
             self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=purge,
-                                     flush_secs=30)
+                                     flush_secs=30, filename_suffix=f".{time.time_ns()}")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Logs one event; returns the flat float dict that was written."""

@@ -129,7 +129,8 @@ PREDICTORS.register("token_classification", Predictor(example=_words, outputs=_t
 def _qa_example(record, where, definition):
     question, context = _texts(record, where, definition)
     if not context.strip():
-        raise UserError(f"{where}: empty {definition.text_fields[1]!r}; give a context to answer from")
+        raise UserError(f"{where}: empty {definition.text_fields[1]!r}; "
+                        f"give a context to answer from")
     # Dummy answer span (its first character): tokenization needs one, prediction ignores it.
     return dict(id=str(record.get(definition.id_field, "")), question=question, context=context,
                 answers=[""], spans=[(0, 1)])

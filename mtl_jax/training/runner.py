@@ -25,7 +25,6 @@ import shutil
 import sys
 from typing import Callable
 
-import flax
 from absl import logging as absl_logging
 import jax
 import numpy as np
@@ -33,40 +32,12 @@ import numpy as np
 from mtl_jax.checkpoints.manager import CheckpointManager, config_to_json
 from mtl_jax.errors import UserError
 from mtl_jax.registry import Registry
-from mtl_jax.training import distributed, validate
+from mtl_jax.training import distributed, parallel, validate
 from mtl_jax.training import sharding as sharding_lib
+from mtl_jax.training import state as state_lib
 from mtl_jax.training import workdir as workdir_lib
 
 EVAL_CHECKPOINTS = ("best", "latest")
-
-
-# --- device placement of the state and the batches ---------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """How one parallel.mode lays out the TrainState and the batches.
-
-    ``saved``/``restored`` convert between the state the step uses and the one checkpoints hold
-    (pmap keeps a replicated copy per device; checkpoints hold one).
-    """
-
-    shardings: Callable  # (abstract state, run) -> target shardings for a restore
-    batch: Callable  # (host batch, mesh) -> step input
-    saved: Callable = lambda state: state
-    restored: Callable = lambda state: state
-
-
-PLACEMENTS: Registry[Placement] = Registry("parallel.mode")
-PLACEMENTS.register("jit", Placement(
-    shardings=lambda abstract, run: sharding_lib.state_shardings(abstract, run.model, run.config,
-                                                                 run.mesh),
-    batch=sharding_lib.shard_batch))
-PLACEMENTS.register("pmap", Placement(
-    shardings=lambda abstract, run: jax.tree.map(
-        lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract),
-    batch=lambda batch, mesh: batch,  # the pmap step splits the host batch itself
-    saved=flax.jax_utils.unreplicate,
-    restored=flax.jax_utils.replicate))
 
 
 # --- what every mode builds from the config ----------------------------------------------------
@@ -80,11 +51,19 @@ class Run:
     model: object  # MultiTaskModel
     mesh: jax.sharding.Mesh
     tokenizer: object
-    _steps: dict = dataclasses.field(default_factory=dict)
 
-    @property
-    def placement(self) -> Placement:
-        return PLACEMENTS.get(self.config.parallel.mode)
+    @functools.cached_property
+    def abstract_state(self):
+        """The TrainState as ShapeDtypeStructs (no weights read, nothing allocated). Its
+        Optimizer is the one every state of this run is built with (the compiled step checks)."""
+        return state_lib.abstract_train_state(self.model, self.model.abstract_params(),
+                                              self.config, self.config.train.num_steps)
+
+    @functools.cached_property
+    def strategy(self):
+        """The parallel strategy (``parallel.mode``): placement, compiled steps, checkpoint
+        layout; see training/parallel.py."""
+        return parallel.build(self.model, self.config, self.mesh, self.abstract_state)
 
     @property
     def task_names(self) -> list[str]:
@@ -94,10 +73,11 @@ class Run:
         for s in self.model.specs:
             if s.name == task:
                 return s
-        raise UserError(f"unknown task {task!r}; tasks in this config: {', '.join(self.task_names)}")
+        raise UserError(f"unknown task {task!r}; "
+                        f"tasks in this config: {', '.join(self.task_names)}")
 
     def batch(self, host_batch: dict):
-        return self.placement.batch(host_batch, self.mesh)
+        return self.strategy.place_batch(host_batch)
 
     @functools.cached_property
     def config_json(self) -> dict:
@@ -111,46 +91,25 @@ class Run:
         return record
 
     # --- state ---------------------------------------------------------------------------
-    def abstract_state(self):
-        """The TrainState as ShapeDtypeStructs (no weights read, nothing allocated)."""
-        from mtl_jax.training.state import create_train_state
-
-        total = self.config.train.num_steps
-        return jax.eval_shape(lambda p: create_train_state(self.model, p, self.config, total),
-                              self.model.abstract_params())
-
     def init_state(self):
         """A fresh TrainState: pretrained encoder (unless model.random_init), new heads."""
-        from mtl_jax.training.state import create_train_state
-
-        params = self.model.init_params(jax.random.key(self.config.seed))
-        return create_train_state(self.model, params, self.config, self.config.train.num_steps,
-                                  mesh=self.mesh)
+        return self.strategy.init_state(self.model.init_params(jax.random.key(self.config.seed)))
 
     def restore(self, ckpt: CheckpointManager, step: int | None = None):
         """The latest readable checkpoint (or ``step``) onto this run's devices; None if none."""
-        abstract = self.abstract_state()
-        shardings = self.placement.shardings(abstract, self)
-        restored = (ckpt.restore_latest(abstract, shardings=shardings) if step is None
-                    else ckpt.restore(step, abstract, shardings))
+        shardings = self.strategy.restore_shardings()
+        restored = (ckpt.restore_latest(self.abstract_state, shardings=shardings)
+                    if step is None else ckpt.restore(step, self.abstract_state, shardings))
         if restored is None:
             return None
-        return restored._replace(state=self.placement.restored(restored.state))
+        return restored._replace(state=self.strategy.restored(restored.state))
 
-    # --- steps (built once) --------------------------------------------------------------
+    # --- steps (compiled once, by the strategy) ------------------------------------------
     def train_step(self):
-        if "train" not in self._steps:
-            from mtl_jax.training.step import build_train_step
-
-            self._steps["train"] = build_train_step(self.model, self.config, self.mesh)
-        return self._steps["train"]
+        return self.strategy.train_step
 
     def eval_step(self):
-        if "eval" not in self._steps:
-            from mtl_jax.training.step import build_eval_step
-
-            self._steps["eval"] = build_eval_step(self.model, self.config, self.mesh)
-        return self._steps["eval"]
+        return self.strategy.eval_step
 
     def predict_fn(self, state, task: str):
         """``batch -> np.ndarray`` of ``task``'s head output (for evaluate_task / predict)."""
@@ -161,8 +120,9 @@ class Run:
 def build_run(config, splits=("train", "validation"), log=None) -> Run:
     from mtl_jax.data.pipeline import build_data
     from mtl_jax.models import multitask
+    from mtl_jax.text.tokenizer import tokenizer_for
 
-    tokenizer = multitask.load_tokenizer(config)
+    tokenizer = tokenizer_for(config)
     data = build_data(config, tokenizer, splits, log=log, require_train="train" in splits)
     model = multitask.build_model(config, data.specs)
     return Run(config, data, model, sharding_lib.make_mesh(config), tokenizer)
@@ -273,7 +233,7 @@ def predict_mode(config, workdir, task=None, input_path="-"):
 
 
 def _host_params(run: Run, state):
-    return run.placement.saved(state).params
+    return run.strategy.saved(state).params
 
 
 def print_summary(run: Run, state) -> None:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mtl_jax.errors import UserError
 from mtl_jax.registry import Registry
 from mtl_jax.training import weighting as weighting_lib
+from mtl_jax.training.step import is_stacked
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -95,10 +96,11 @@ def param_specs(model, params, config, mesh: Mesh):
     return jax.tree.unflatten(treedef, specs)
 
 
-def state_shardings(state, model, config, mesh: Mesh):
-    """TrainState-shaped tree of NamedSharding: params/optimizer moments by rules, rest replicated."""
-    pspecs = param_specs(model, state.params, config, mesh)
-    named = jax.tree.map(lambda s: NamedSharding(mesh, s), pspecs,
+def state_shardings(state, param_specs, mesh: Mesh):
+    """TrainState-shaped tree of NamedSharding: params and optimizer moments as ``param_specs``
+    (from ``param_specs(...)``), everything else replicated. Computed once per run, from the
+    abstract state, by the jit strategy."""
+    named = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs,
                          is_leaf=lambda x: isinstance(x, P))
     rep = NamedSharding(mesh, P())
     # MaskedNode: a multi_transform group's (empty) state at another group's parameters.
@@ -112,11 +114,6 @@ def state_shardings(state, model, config, mesh: Mesh):
 
 
 # --- batches -----------------------------------------------------------------------------------
-
-def is_stacked(batch) -> bool:
-    """Stacked batches ([T, B//T, ...]) have a 2-D task_id."""
-    return np.ndim(batch["task_id"]) == 2
-
 
 def batch_spec(ndim: int, stacked: bool) -> P:
     lead = (None,) if stacked else ()

@@ -1,36 +1,88 @@
-"""The jitted train and eval steps.
+"""The pure train step: per-task losses, their weighting, one optimizer update, metrics.
 
-One step: forward all task losses, combine them (or the per-task gradients) with the configured
-weighting, one optimizer update, metrics as device scalars. The same body serves the jit path
-(global arrays over a mesh, ``Reducer()``) and the pmap path (per-device shards,
-``Reducer("batch")`` normalises losses by global counts and psums gradients).
+``make_train_step(model, config, reducer, gram_fn) -> train_step(state, batch, rng) ->
+(state, metrics)``. The same body serves every parallel strategy (``training/parallel.py`` jits
+or pmaps it and owns the shardings): on global arrays over a mesh ``Reducer()`` is the identity;
+on per-device shards ``Reducer(axis_name)`` sums loss numerators and denominators over devices
+before dividing and psums the gradients, so each device's step computes the global loss.
 
 Per-task gradients (pcgrad/cagrad/gradnorm) come from stacked batches [T, B//T, ...]: one
 vjp per sub-batch, vmapped over the task axis, so the FLOPs are those of one backward pass over
 the whole batch. Frozen parameters are not differentiated at all.
+
+This module is a leaf of ``mtl_jax/training``: no dispatch on the parallel mode, no shardings.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_jax.errors import UserError
+from mtl_jax.models import param_groups
 from mtl_jax.registry import Registry
-from mtl_jax.training import optim as optim_lib
-from mtl_jax.training import sharding as sharding_lib
 from mtl_jax.training import weighting as weighting_lib
 from mtl_jax.training.state import TrainState, task_names
 
-NAN_POLICIES = ("stop", "skip")
 TASK_GRAD_IMPLS: Registry[Callable] = Registry("weighting.task_grad_impl")
 TASK_GRAD_IMPLS.register("vmap", lambda f, xs: jax.vmap(f)(*xs))
 TASK_GRAD_IMPLS.register("map", lambda f, xs: jax.lax.map(lambda a: f(*a), xs))
+
+
+def is_stacked(batch) -> bool:
+    """Stacked batches ([T, B//T, ...]) have a 2-D task_id."""
+    return np.ndim(batch["task_id"]) == 2
+
+
+def unstack(batch: dict) -> dict:
+    """[T, b, ...] -> [T*b, ...]: a stacked batch as one mixed batch."""
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
+# --- what the step computes, named -------------------------------------------------------------
+
+class TaskLosses(NamedTuple):
+    """One forward pass's per-task losses (float32 [T] each)."""
+
+    losses: jax.Array  # task t's mean loss over its labelled units in the batch (0 if absent)
+    counts: jax.Array  # the summed weight of task t's examples
+    denominators: jax.Array  # what losses[t] divides by (examples, or labelled tokens)
+    penalty: jax.Array  # scalar: the soft-sharing penalty (0 for hard sharing)
+
+
+class GlobalLosses(NamedTuple):
+    """Per-task losses over the whole (global) batch, and d global / d local losses."""
+
+    losses: jax.Array
+    counts: jax.Array
+    cotangent_scale: jax.Array  # [T]: 1 when the losses are already global
+
+
+class StepGrads(NamedTuple):
+    """What one step's backward gives the optimizer update and the metrics."""
+
+    grads: list  # one gradient per trainable leaf
+    losses: jax.Array  # [T] global per-task losses
+    counts: jax.Array  # [T]
+    total: jax.Array  # the weighted total the gradient is of (penalty included)
+    penalty: jax.Array
+    weighting_state: dict
+    weights: jax.Array  # [T] as logged
+
+
+class TaskGradients(NamedTuple):
+    """Per-task gradients of the trainable leaves ([T, ...] each) and their global losses."""
+
+    grads: list
+    losses: jax.Array
+    counts: jax.Array
+    penalty: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +91,17 @@ class Reducer:
 
     axis_name: str | None = None
 
-    def global_losses(self, losses, counts):
-        """-> (global mean losses, global counts, cotangent scale for the local losses)."""
+    def global_losses(self, losses, counts, denominators) -> GlobalLosses:
+        """A task's global mean is (sum over devices of its loss sums) / (sum of denominators):
+        a count-weighted mean of per-device means would differ wherever the units per example
+        differ between devices (tokens of a token task, ignored labels)."""
         if self.axis_name is None:
-            return losses, counts, jnp.ones_like(losses)
-        total = jax.lax.psum(counts, self.axis_name)
-        denom = jnp.maximum(total, 1.0)
-        return jax.lax.psum(counts * losses, self.axis_name) / denom, total, counts / denom
+            return GlobalLosses(losses, counts, jnp.ones_like(losses))
+        total = jnp.maximum(jax.lax.psum(denominators, self.axis_name), 1e-9)
+        # losses * denominators is the local loss sum (0 where the denominator is 0).
+        global_losses = jax.lax.psum(losses * denominators, self.axis_name) / total
+        return GlobalLosses(global_losses, jax.lax.psum(counts, self.axis_name),
+                            denominators / total)
 
     def sum(self, tree):
         return tree if self.axis_name is None else jax.lax.psum(tree, self.axis_name)
@@ -60,21 +116,19 @@ class Reducer:
 
 # --- losses and gradients ----------------------------------------------------------------------
 
-def _loss_fn(model):
-    """(params, batch, rng, homogeneous) -> (losses [T], counts [T], soft_penalty)."""
+def make_loss_fn(model):
+    """``(params, batch, rng, homogeneous) -> TaskLosses`` (float32) from ``model.task_losses``."""
     takes_homogeneous = "homogeneous" in inspect.signature(model.task_losses).parameters
 
-    def loss_fn(params, batch, rng, homogeneous):
+    def loss_fn(params, batch, rng, homogeneous) -> TaskLosses:
         kw = {"homogeneous": homogeneous} if takes_homogeneous else {}
         losses, counts, aux = model.task_losses(params, batch, rng, False, **kw)
-        penalty = jnp.asarray(aux.get("soft_penalty", 0.0), jnp.float32)
-        return losses.astype(jnp.float32), counts.astype(jnp.float32), penalty
+        # A model without "loss_denominators" reports per-example means: counts divide them.
+        denominators = aux.get("loss_denominators", counts)
+        f32 = lambda x: jnp.asarray(x).astype(jnp.float32)  # noqa: E731
+        return TaskLosses(f32(losses), f32(counts), f32(denominators),
+                          f32(aux.get("soft_penalty", 0.0)))
     return loss_fn
-
-
-def unstack(batch: dict) -> dict:
-    """[T, b, ...] -> [T*b, ...]: a stacked batch as one mixed batch."""
-    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,27 +161,43 @@ class Split:
         return self.treedef.unflatten(flat)
 
 
-def weighted_loss_grads(loss_fn, combine, reducer, params, split, batch, rng, wstate):
-    """Loss weightings: one backward whose cotangent is d total / d losses."""
+def weighted_loss_grads(loss_fn, combine_losses, reducer, params, split, batch, rng,
+                        wstate) -> StepGrads:
+    """Loss weightings: the gradient of ``total = combine_losses(L) + penalty`` in one backward.
+
+    Why one backward is enough: the forward gives the per-task losses L = (L_1..L_T) as a
+    function of the parameters theta, and total depends on theta only through L (and the
+    penalty P). By the chain rule, d total / d theta = sum_t (d total / d L_t) dL_t / d theta,
+    which is exactly the vector-Jacobian product of the forward with the cotangent
+    c = d total / d L (a [T] vector, cheap: ``combine_losses`` is a small function of T numbers).
+    So: one ``jax.vjp`` of the forward, c from ``jax.value_and_grad`` of ``combine_losses`` at
+    the (global) losses, one backward with cotangent (c * scale, d total / d P). On shards,
+    ``scale`` = d global L_t / d local L_t (see ``Reducer.global_losses``) and the psum of the
+    per-device vjps gives the global gradient.
+    """
     homogeneous = None
-    if sharding_lib.is_stacked(batch):
+    if is_stacked(batch):
         batch, homogeneous = unstack(batch), False
 
-    def f(leaves):
-        losses, counts, penalty = loss_fn(split.merge(params, leaves), batch, rng, homogeneous)
-        return (losses, penalty), counts
+    def forward(leaves):
+        out = loss_fn(split.merge(params, leaves), batch, rng, homogeneous)
+        return (out.losses, out.penalty), (out.counts, out.denominators)
 
-    (losses, penalty), vjp, counts = jax.vjp(f, split.take(params), has_aux=True)
-    losses, counts, scale = reducer.global_losses(losses, counts)
-    (total, (wstate, weights)), d_losses = jax.value_and_grad(
-        lambda l: (lambda t, s, w: (t, (s, w)))(*combine(l, counts, wstate, rng)),
-        has_aux=True)(losses)
-    grads = reducer.sum(vjp((d_losses * scale, reducer.penalty_cotangent()))[0])
+    (losses, penalty), vjp, (counts, denominators) = jax.vjp(
+        forward, split.take(params), has_aux=True)
+    glob = reducer.global_losses(losses, counts, denominators)
+
+    def weighted_total(task_losses):
+        out = combine_losses(task_losses, glob.counts, wstate, rng)
+        return out.total, out
+    (total, weighted), d_losses = jax.value_and_grad(weighted_total, has_aux=True)(glob.losses)
+    grads = reducer.sum(vjp((d_losses * glob.cotangent_scale, reducer.penalty_cotangent()))[0])
     penalty = reducer.mean(penalty)
-    return grads, losses, counts, total + penalty, penalty, wstate, weights
+    return StepGrads(grads, glob.losses, glob.counts, total + penalty, penalty, weighted.state,
+                     weighted.weights)
 
 
-def per_task_grads(loss_fn, reducer, params, split, batch, rng, impl: str):
+def per_task_grads(loss_fn, reducer, params, split, batch, rng, impl: str) -> TaskGradients:
     """Stacked batch -> per-task gradients [T, ...] of the trainable leaves, global losses/counts.
 
     Sub-batch t only holds task t, so its vjp is task t's gradient; the soft penalty is split
@@ -137,23 +207,25 @@ def per_task_grads(loss_fn, reducer, params, split, batch, rng, impl: str):
     leaves = split.take(params)
 
     def one(t, sub, key):
-        def f(ls):
-            losses, counts, penalty = loss_fn(split.merge(params, ls), sub, key, True)
-            return (losses[t], penalty), counts[t]
-        (loss, penalty), vjp, count = jax.vjp(f, leaves, has_aux=True)
-        loss, count, scale = reducer.global_losses(loss, count)
-        g = vjp((scale, reducer.penalty_cotangent() / num_tasks))[0]
-        return g, loss, count, penalty
+        def forward(ls):
+            out = loss_fn(split.merge(params, ls), sub, key, True)
+            return (out.losses[t], out.penalty), (out.counts[t], out.denominators[t])
+        (loss, penalty), vjp, (count, denominator) = jax.vjp(forward, leaves, has_aux=True)
+        glob = reducer.global_losses(loss, count, denominator)
+        g = vjp((glob.cotangent_scale, reducer.penalty_cotangent() / num_tasks))[0]
+        return g, glob.losses, glob.counts, penalty
 
     keys = jax.vmap(lambda t: jax.random.fold_in(rng, t))(jnp.arange(num_tasks))
-    g, losses, counts, penalty = TASK_GRAD_IMPLS.get(impl)(one, (jnp.arange(num_tasks), batch, keys))
-    return reducer.sum(g), losses, counts, reducer.mean(penalty[0])
+    g, losses, counts, penalty = TASK_GRAD_IMPLS.get(impl)(
+        one, (jnp.arange(num_tasks), batch, keys))
+    return TaskGradients(reducer.sum(g), losses, counts, reducer.mean(penalty[0]))
 
 
-def _leaf_masks(params, labels, split, config):
+def _leaf_masks(params, labels, split, config, weighting):
     """(shared, last-shared-layer) bool per trainable leaf, for surgery and GradNorm."""
     w = config.weighting
-    paths = [optim_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [param_groups.path_str(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     flat_labels = split.treedef.flatten_up_to(labels)
     paths = [paths[i] for i in split.trainable]
     shared = [re.fullmatch(w.shared_labels, flat_labels[i]) is not None for i in split.trainable]
@@ -164,7 +236,7 @@ def _leaf_masks(params, labels, split, config):
                for s, p in zip(shared, paths)]
         top = max(idx, default=-1)
         layer = [i == top for i in idx] if top >= 0 else list(shared)
-    if config.weighting.name == "gradnorm" and not any(layer):
+    if weighting.uses_layer_grads and not any(layer):
         raise UserError("weighting.gradnorm_layer selects no trainable shared parameter; set it "
                         "to a regex of the last shared layer's parameter paths")
     return shared, layer
@@ -173,9 +245,6 @@ def _leaf_masks(params, labels, split, config):
 # --- the step ----------------------------------------------------------------------------------
 
 def _check_config(config):
-    if config.train.nan_policy not in NAN_POLICIES:
-        raise UserError(f"unknown train.nan_policy {config.train.nan_policy!r}; "
-                        f"valid: {', '.join(NAN_POLICIES)}")
     weighting = weighting_lib.get(config)
     if weighting.uses_task_grads and config.data.batch_mode != "stacked":
         raise UserError(f"weighting.name={config.weighting.name} needs per-task gradients; "
@@ -184,92 +253,82 @@ def _check_config(config):
     return weighting
 
 
-def make_train_step(model, config, mesh=None, reducer: Reducer = Reducer()):
+def make_train_step(model, config, reducer: Reducer = Reducer(), gram_fn=None):
     """The pure step ``(state, batch, rng) -> (state, metrics)`` (jit/pmap it yourself).
 
-    ``mesh`` (jit path) adds sharding constraints on the new state and computes the surgery
-    Gram matrix per device with shard_map; None for single-device or pmap use.
+    ``gram_fn(leaves, indices)`` computes the surgery Gram matrix of the trainable leaves
+    (``sharding.sharded_gram_fn`` reduces per-device partial Grams); None: a plain sum.
     """
     weighting = _check_config(config)
     names = task_names(model)
-    combine = weighting.make_combine(config, names)
-    loss_fn = _loss_fn(model)
+    loss_fn = make_loss_fn(model)
     skip_bad = config.train.nan_policy == "skip"
+    if weighting.uses_task_grads:
+        grads_fn = _task_grads_step(model, config, weighting, loss_fn, reducer, gram_fn, names)
+    else:
+        combine_losses = weighting.make_combine_losses(config, names)
+
+        def grads_fn(state, split, batch, rng) -> StepGrads:
+            return weighted_loss_grads(loss_fn, combine_losses, reducer, state.params, split,
+                                       batch, rng, state.weighting_state)
 
     def train_step(state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
         if reducer.axis_name is not None:  # distinct dropout per device
             rng = jax.random.fold_in(rng, jax.lax.axis_index(reducer.axis_name))
         split = Split.of(state.params, state.optimizer.trainable_mask())
-        if weighting.uses_task_grads:
-            if not sharding_lib.is_stacked(batch):
-                raise UserError(f"weighting.name={config.weighting.name} needs stacked batches "
-                                f"([T, B//T, ...]); set data.batch_mode=stacked")
-            g, losses, counts, penalty = per_task_grads(
-                loss_fn, reducer, state.params, split, batch, rng,
-                config.weighting.task_grad_impl)
-            shared, layer = _leaf_masks(state.params, model.param_labels(state.params),
-                                        split, config)
-            gram_fn = None
-            if mesh is not None:
-                specs = sharding_lib.param_specs(model, state.params, config, mesh)
-                gram_fn = sharding_lib.sharded_gram_fn(mesh, split.take(specs))
-            task_grads = weighting_lib.TaskGrads(g, shared, layer, gram_fn)
-            grad_leaves, wstate, weights = combine(task_grads, losses, counts,
-                                                   state.weighting_state, rng)
-            total = jnp.sum(losses) + penalty
-        else:
-            grad_leaves, losses, counts, total, penalty, wstate, weights = weighted_loss_grads(
-                loss_fn, combine, reducer, state.params, split, batch, rng, state.weighting_state)
-        grads = split.full_grads(state.params, grad_leaves)
+        out = grads_fn(state, split, batch, rng)
+        grads = split.full_grads(state.params, out.grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(out.total) & jnp.isfinite(grad_norm)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            weighting_state=wstate)
+                            weighting_state=out.weighting_state)
         if skip_bad:  # keep the old params/optimizer/weighting state on a non-finite step
             kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
                                 (new.params, new.opt_state, new.weighting_state),
                                 (state.params, state.opt_state, state.weighting_state))
             new = new.replace(params=kept[0], opt_state=kept[1], weighting_state=kept[2])
-        if mesh is not None:
-            new = jax.lax.with_sharding_constraint(
-                new, sharding_lib.state_shardings(new, model, config, mesh))
-        return new, _metrics(state, names, total, losses, weights, grad_norm, penalty, finite)
+        return new, _metrics(state, names, out, grad_norm, finite)
 
     return train_step
 
 
-def _metrics(state, names, total, losses, weights, grad_norm, penalty, finite):
+def _task_grads_step(model, config, weighting, loss_fn, reducer, gram_fn, names):
+    """Gradient weightings: per-task gradients, then ``combine_grads`` mixes them."""
+    combine_grads = weighting.make_combine_grads(config, names)
+
+    def grads_fn(state, split, batch, rng) -> StepGrads:
+        if not is_stacked(batch):
+            raise UserError(f"weighting.name={config.weighting.name} needs stacked batches "
+                            f"([T, B//T, ...]); set data.batch_mode=stacked")
+        tg = per_task_grads(loss_fn, reducer, state.params, split, batch, rng,
+                            config.weighting.task_grad_impl)
+        shared, layer = _leaf_masks(state.params, model.param_labels(state.params), split,
+                                    config, weighting)
+        task_grads = weighting_lib.TaskGrads(tg.grads, shared, layer, gram_fn)
+        mixed = combine_grads(task_grads, tg.losses, tg.counts, state.weighting_state, rng)
+        return StepGrads(mixed.grads, tg.losses, tg.counts, jnp.sum(tg.losses) + tg.penalty,
+                         tg.penalty, mixed.state, mixed.weights)
+    return grads_fn
+
+
+def _metrics(state, names, out: StepGrads, grad_norm, finite):
     lrs = state.optimizer.learning_rates(state.step)
-    m = {"train/loss": total, "train/grad_norm": grad_norm, "train/soft_penalty": penalty,
-         "train/finite": finite, "train/lr": jnp.asarray(lrs[state.optimizer.main_group])}
+    m = {"train/loss": out.total, "train/grad_norm": grad_norm,
+         "train/soft_penalty": out.penalty, "train/finite": finite,
+         "train/lr": jnp.asarray(lrs[state.optimizer.main_group])}
     if len(lrs) > 1:
         m.update({f"train/lr/{g}": jnp.asarray(v) for g, v in lrs.items()})
     for t, name in enumerate(names):
-        m[f"train/loss/{name}"] = losses[t]
-        m[f"train/weight/{name}"] = weights[t]
+        m[f"train/loss/{name}"] = out.losses[t]
+        m[f"train/weight/{name}"] = out.weights[t]
     return m
 
 
-def build_train_step(model, config, mesh=None):
-    """``train_step(state, batch, rng) -> (state, metrics)``, jitted (once per batch shape),
-    state donated. ``config.parallel.mode == "pmap"`` gives the pmap version (same results)."""
-    if config.parallel.mode == "pmap":
-        from mtl_jax.training import pmap_step
-        return pmap_step.build_pmap_train_step(model, config)
-    if config.parallel.mode != "jit":
-        raise UserError(f"unknown parallel.mode {config.parallel.mode!r}; valid: jit, pmap")
-    return jax.jit(make_train_step(model, config, mesh), donate_argnums=0)
-
-
-def build_eval_step(model, config, mesh=None):
-    """``eval_step(state, batch) -> {task: head output}`` (deterministic, jitted)."""
-    if config.parallel.mode == "pmap":
-        from mtl_jax.training import pmap_step
-        return pmap_step.build_pmap_eval_step(model, config)
-
+def make_eval_step(model):
+    """The pure ``eval_step(state, batch) -> {task: head output}`` (deterministic)."""
     def eval_step(state, batch):
         return model.apply(state.params, batch, rng=None, deterministic=True)
-    return jax.jit(eval_step)
+    return eval_step

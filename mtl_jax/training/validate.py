@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from mtl_jax.errors import UserError
+from mtl_jax.models.layers import FAMILY_TRAITS
 
 # --- the config alone --------------------------------------------------------------------------
 
@@ -19,8 +20,8 @@ def _choices() -> dict[str, Callable[[], Iterable[str]]]:
     """Config key -> its valid names (registries where the key has one). Imported lazily: the
     registries live with the code that uses them."""
     from mtl_jax.data import batching, samplers
-    from mtl_jax.models import encoder_config, heads, multitask, soft_sharing
-    from mtl_jax.training import optim, runner, sharding, step, weighting
+    from mtl_jax.models import encoder_config, heads, peft_layers, sharing, soft_sharing
+    from mtl_jax.training import optim, parallel, sharding, step, weighting
 
     return {
         "model.family": lambda: ("auto", "bert", "t5", "t5_v1_1"),
@@ -29,16 +30,16 @@ def _choices() -> dict[str, Callable[[], Iterable[str]]]:
         "data.batch_mode": lambda: batching.BATCH_MODES,
         "data.sampler": samplers.SAMPLERS.names,
         "data.empty_text": lambda: ("skip", "error"),
-        "sharing.mode": lambda: multitask.SHARING_MODES,
+        "sharing.mode": sharing.STRATEGIES.names,
         "sharing.soft_penalty": soft_sharing.PENALTIES.names,
-        "peft.kind": multitask.PEFT_KINDS.names,
+        "peft.kind": peft_layers.PEFT_KINDS.names,
         "peft.adapter_kind": lambda: ("houlsby", "pfeiffer"),
         "heads.pooling": heads.POOLINGS.names,
-        "optim.name": lambda: ("adamw", "sgd"),  # optim.make_optimizer's chain (no registry yet)
+        "optim.name": optim.OPTIMIZERS.names,
         "optim.schedule": optim.SCHEDULES.names,
         "weighting.name": weighting.WEIGHTINGS.names,
         "weighting.task_grad_impl": step.TASK_GRAD_IMPLS.names,
-        "parallel.mode": runner.PLACEMENTS.names,
+        "parallel.mode": parallel.PARALLEL.names,
         "parallel.rules": sharding.RULES.names,
         "train.nan_policy": lambda: ("stop", "skip"),
         "train.early_stopping_mode": lambda: ("max", "min"),
@@ -126,7 +127,7 @@ def check_run(run) -> None:
 def _check_length(task: str, max_length: int, run) -> None:
     """The bucket a task's longest input is padded to must fit the model's positions."""
     enc = run.model.encoder_config
-    limit = enc.max_position_embeddings if enc.family == "bert" else None  # T5: relative
+    limit = FAMILY_TRAITS.get(enc.family).max_positions(enc)
     buckets = tuple(run.config.data.buckets)
     padded = next((b for b in buckets if b >= max_length), buckets[-1])
     if limit is not None and padded > limit:

@@ -1,15 +1,18 @@
 """Task-loss weighting and gradient surgery: pure functions over a small state.
 
-Two kinds of strategy (``Weighting.uses_task_grads``):
+Two kinds of registry entry, each with its own combine protocol:
 
-* loss weightings (equal, static, uncertainty, dwa):
-  ``combine(losses[T], counts[T], state, rng) -> (total, state, weights[T])``; ``total`` is
-  differentiable in ``losses`` (the step takes its gradient with respect to the losses as the
-  backward cotangent, so one backward over the whole batch serves any batch mode).
-* gradient weightings (gradnorm, pcgrad, cagrad) need per-task gradients (stacked batches):
-  ``combine(task_grads: TaskGrads, losses, counts, state, rng) -> (grads, state, weights)``.
-  They work in the T x T Gram space of the shared gradients, so the only full-size work is the
-  Gram matrix and one weighted sum of the T gradients.
+* ``LossWeighting`` (equal, static, uncertainty, dwa): ``make_combine_losses(config, names)``
+  gives ``combine_losses(losses[T], counts[T], state, rng) -> WeightedLoss(total, state,
+  weights[T])``; ``total`` is differentiable in ``losses`` (the step takes its gradient with
+  respect to the losses as the backward cotangent, so one backward over the whole batch serves
+  any batch mode).
+* ``GradientWeighting`` (gradnorm, pcgrad, cagrad) needs per-task gradients (stacked batches):
+  ``make_combine_grads(config, names)`` gives ``combine_grads(task_grads: TaskGrads, losses,
+  counts, state, rng) -> WeightedGrads(grads, state, weights)``. They work in the T x T Gram
+  space of the shared gradients, so the only full-size work is the Gram matrix and one weighted
+  sum of the T gradients. ``uses_layer_grads`` marks the entries that read the last shared
+  layer's gradients (GradNorm), which the step then requires to select a parameter.
 
 ``total`` uses the *sum* of task losses (equal weighting = sum_t L_t, all weights 1), so every
 method's weights are comparable; ``weights`` are what the step logs as ``train/weight/<task>``.
@@ -18,7 +21,7 @@ State is a dict of float32 arrays (checkpointed with the TrainState).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Protocol, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +30,44 @@ from mtl_jax.errors import UserError
 from mtl_jax.registry import Registry
 
 
-@dataclasses.dataclass(frozen=True)
-class Weighting:
-    init: Callable[[int, Any], dict]  # (num_tasks, config) -> state
-    make_combine: Callable[[Any, tuple], Callable]  # (config, task_names) -> combine
-    uses_task_grads: bool = False
+class WeightedLoss(NamedTuple):
+    total: jax.Array  # scalar, differentiable in the task losses
+    state: dict  # the new weighting state
+    weights: jax.Array  # [T], logged as train/weight/<task>
 
+
+class WeightedGrads(NamedTuple):
+    grads: list  # one combined gradient per trainable leaf
+    state: dict
+    weights: jax.Array  # [T]
+
+
+class CombineLosses(Protocol):
+    def __call__(self, losses, counts, state, rng) -> WeightedLoss: ...
+
+
+class CombineGrads(Protocol):
+    def __call__(self, task_grads: "TaskGrads", losses, counts, state,
+                 rng) -> WeightedGrads: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeighting:
+    init: Callable[[int, Any], dict]  # (num_tasks, config) -> state
+    make_combine_losses: Callable[[Any, tuple], CombineLosses]  # (config, task_names)
+    uses_task_grads = False
+    uses_layer_grads = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientWeighting:
+    init: Callable[[int, Any], dict]
+    make_combine_grads: Callable[[Any, tuple], CombineGrads]
+    uses_layer_grads: bool = False  # reads TaskGrads.layer_sq_norms (the last shared layer)
+    uses_task_grads = True
+
+
+Weighting = Union[LossWeighting, GradientWeighting]
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting")
 
@@ -61,7 +96,7 @@ def _equal_combine(config, names):
 
     def combine(losses, counts, state, rng):
         weights = jnp.ones_like(losses)
-        return _weighted_total(weights, losses), state, weights
+        return WeightedLoss(_weighted_total(weights, losses), state, weights)
     return combine
 
 
@@ -74,7 +109,7 @@ def _static_combine(config, names):
     fixed = jnp.asarray([float(given.get(n, 1.0)) for n in names], jnp.float32)
 
     def combine(losses, counts, state, rng):
-        return _weighted_total(fixed, losses), state, fixed
+        return WeightedLoss(_weighted_total(fixed, losses), state, fixed)
     return combine
 
 
@@ -97,7 +132,7 @@ def _uncertainty_combine(config, names):
         weights = jnp.exp(-s)
         total = _weighted_total(weights, losses) + jnp.sum(jnp.where(present, s, 0.0))
         grad_s = jnp.where(present, 1.0 - weights * _sg(losses), 0.0)
-        return total, {"log_var": s - lr * grad_s}, weights
+        return WeightedLoss(total, {"log_var": s - lr * grad_s}, weights)
     return combine
 
 
@@ -123,14 +158,14 @@ def _dwa_combine(config, names):
         new = {"prev": jnp.where(present, state["last"], state["prev"]),
                "last": jnp.where(present, _sg(losses), state["last"]),
                "seen": jnp.minimum(state["seen"] + present, 2.0)}
-        return _weighted_total(weights, losses), new, weights
+        return WeightedLoss(_weighted_total(weights, losses), new, weights)
     return combine
 
 
-WEIGHTINGS.register("equal", Weighting(_no_state, _equal_combine))
-WEIGHTINGS.register("static", Weighting(_no_state, _static_combine))
-WEIGHTINGS.register("uncertainty", Weighting(_uncertainty_init, _uncertainty_combine))
-WEIGHTINGS.register("dwa", Weighting(_dwa_init, _dwa_combine))
+WEIGHTINGS.register("equal", LossWeighting(_no_state, _equal_combine))
+WEIGHTINGS.register("static", LossWeighting(_no_state, _static_combine))
+WEIGHTINGS.register("uncertainty", LossWeighting(_uncertainty_init, _uncertainty_combine))
+WEIGHTINGS.register("dwa", LossWeighting(_dwa_init, _dwa_combine))
 
 
 # --- per-task gradients ------------------------------------------------------------------------
@@ -268,7 +303,7 @@ def _pcgrad_combine(config, names):
     def combine(task_grads: TaskGrads, losses, counts, state, rng):
         coeffs = pcgrad_coeffs(task_grads.gram(), rng)
         ones = jnp.ones_like(coeffs)
-        return task_grads.mix(coeffs, ones), state, coeffs
+        return WeightedGrads(task_grads.mix(coeffs, ones), state, coeffs)
     return combine
 
 
@@ -278,7 +313,7 @@ def _cagrad_combine(config, names):
 
     def combine(task_grads: TaskGrads, losses, counts, state, rng):
         coeffs = cagrad_coeffs(task_grads.gram(), c, steps)
-        return task_grads.mix(coeffs, jnp.ones_like(coeffs)), state, coeffs
+        return WeightedGrads(task_grads.mix(coeffs, jnp.ones_like(coeffs)), state, coeffs)
     return combine
 
 
@@ -317,14 +352,15 @@ def _gradnorm_combine(config, names):
         new_w = gradnorm_update(weights, norms, losses, initial, alpha, lr)
         new_w = jnp.where(jnp.all(_present(counts)), new_w, weights)
         grads = task_grads.mix(weights, weights)
-        return grads, {"weights": new_w, "initial_loss": initial}, weights
+        return WeightedGrads(grads, {"weights": new_w, "initial_loss": initial},
+                             weights)
     return combine
 
 
-WEIGHTINGS.register("pcgrad", Weighting(_no_state, _pcgrad_combine, uses_task_grads=True))
-WEIGHTINGS.register("cagrad", Weighting(_no_state, _cagrad_combine, uses_task_grads=True))
-WEIGHTINGS.register("gradnorm", Weighting(_gradnorm_init, _gradnorm_combine,
-                                          uses_task_grads=True))
+WEIGHTINGS.register("pcgrad", GradientWeighting(_no_state, _pcgrad_combine))
+WEIGHTINGS.register("cagrad", GradientWeighting(_no_state, _cagrad_combine))
+WEIGHTINGS.register("gradnorm", GradientWeighting(_gradnorm_init, _gradnorm_combine,
+                                                  uses_layer_grads=True))
 
 
 def get(config) -> Weighting:

@@ -1,13 +1,28 @@
-"""Tokenization with HF fast tokenizers into packed ``Features``, one function per input kind."""
+"""Tokenization with HF fast tokenizers into packed feature arrays, one function per input kind.
+
+Each function returns the arrays of ``mtl_jax.data.features.Features``: token-level arrays packed
+flat (``pack``) with ``lengths`` per feature, and per-feature arrays with one row each.
+"""
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
-from mtl_jax.data.features import pack
 from mtl_jax.errors import UserError
 
 IGNORE = -100
 _CHUNK = 2048  # examples per tokenizer call: bounds peak memory, keeps the Rust batching fast
+
+
+def pack(sequences: list[list[int]], dtype=np.int32) -> np.ndarray:
+    """Ragged sequences concatenated into one flat array (``Features`` slices it by lengths)."""
+    total = sum(len(s) for s in sequences)
+    return np.fromiter(itertools.chain.from_iterable(sequences), dtype=dtype, count=total)
+
+
+def _lengths(ids: list[list[int]]) -> np.ndarray:
+    return np.array([len(x) for x in ids], np.int32)
 
 
 def _chunks(n: int):
@@ -20,7 +35,8 @@ def _type_ids(enc, i: int, length: int) -> list[int]:
     return enc["token_type_ids"][i] if "token_type_ids" in enc else [0] * length
 
 
-def encode_texts(tokenizer, texts: list[tuple[str, ...]], max_length: int) -> dict[str, np.ndarray]:
+def encode_texts(tokenizer, texts: list[tuple[str, ...]],
+                 max_length: int) -> dict[str, np.ndarray]:
     """Single sentences or pairs, truncated (longest first) to ``max_length`` tokens."""
     ids, types = [], []
     for s in _chunks(len(texts)):
@@ -30,7 +46,7 @@ def encode_texts(tokenizer, texts: list[tuple[str, ...]], max_length: int) -> di
         enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
         ids.extend(enc["input_ids"])
         types.extend(_type_ids(enc, i, len(x)) for i, x in enumerate(enc["input_ids"]))
-    return dict(lengths=np.array([len(x) for x in ids], np.int32), input_ids=pack(ids), token_type_ids=pack(types),
+    return dict(lengths=_lengths(ids), input_ids=pack(ids), token_type_ids=pack(types),
                 example_index=np.arange(len(ids), dtype=np.int32))
 
 
@@ -48,7 +64,8 @@ def encode_words(tokenizer, words: list[list[str]], tags: list[list[int]], max_l
     begin_to_inside = _inside_to_begin(label_names) if label_all_subtokens else {}
     ids, types, tag_ids, word_ids = [], [], [], []
     for s in _chunks(len(words)):
-        enc = tokenizer(words[s], is_split_into_words=True, truncation=True, max_length=max_length)
+        enc = tokenizer(words[s], is_split_into_words=True, truncation=True,
+                        max_length=max_length)
         for i, example_tags in enumerate(tags[s]):
             token_tags, token_words, previous = [], [], None
             for w in enc.word_ids(i):
@@ -67,12 +84,14 @@ def encode_words(tokenizer, words: list[list[str]], tags: list[list[int]], max_l
             types.append(_type_ids(enc, i, len(enc["input_ids"][i])))
             tag_ids.append(token_tags)
             word_ids.append(token_words)
-    return dict(lengths=np.array([len(x) for x in ids], np.int32), input_ids=pack(ids), token_type_ids=pack(types),
-                tag_ids=pack(tag_ids), word_ids=pack(word_ids), example_index=np.arange(len(ids), dtype=np.int32))
+    return dict(lengths=_lengths(ids), input_ids=pack(ids), token_type_ids=pack(types),
+                tag_ids=pack(tag_ids), word_ids=pack(word_ids),
+                example_index=np.arange(len(ids), dtype=np.int32))
 
 
-def encode_qa(tokenizer, questions: list[str], contexts: list[str], answers: list[tuple[int, int]],
-              max_length: int, doc_stride: int) -> dict[str, np.ndarray]:
+def encode_qa(tokenizer, questions: list[str], contexts: list[str],
+              answers: list[tuple[int, int]], max_length: int,
+              doc_stride: int) -> dict[str, np.ndarray]:
     """Question + context windows (``doc_stride`` tokens of overlap) with start/end token positions.
 
     ``answers[i]`` is (start_char, end_char) of example i's first answer. A window that does not
@@ -84,15 +103,16 @@ def encode_qa(tokenizer, questions: list[str], contexts: list[str], answers: lis
     ids, types, offsets, starts, ends, example_index = [], [], [], [], [], []
     for s in _chunks(len(questions)):
         try:
-            enc = tokenizer([q.lstrip() for q in questions[s]], contexts[s], truncation="only_second",
-                            max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
-                            return_offsets_mapping=True)
+            enc = tokenizer([q.lstrip() for q in questions[s]], contexts[s],
+                            truncation="only_second", max_length=max_length, stride=doc_stride,
+                            return_overflowing_tokens=True, return_offsets_mapping=True)
         except Exception as e:  # the tokenizer refuses when the question alone fills max_length
-            raise UserError(f"QA tokenization failed ({str(e).splitlines()[0][:120]}); raise the task's "
-                            f"max_length or lower doc_stride") from None
+            raise UserError(f"QA tokenization failed ({str(e).splitlines()[0][:120]}); raise the "
+                            "task's max_length or lower doc_stride") from None
         for i, sample in enumerate(enc["overflow_to_sample_mapping"]):
             sequence_ids = enc.sequence_ids(i)
-            token_offsets = [o if sid == 1 else (-1, -1) for o, sid in zip(enc["offset_mapping"][i], sequence_ids)]
+            token_offsets = [o if sid == 1 else (-1, -1)
+                             for o, sid in zip(enc["offset_mapping"][i], sequence_ids)]
             start, end = _answer_tokens(token_offsets, *answers[s.start + sample])
             ids.append(enc["input_ids"][i])
             types.append(_type_ids(enc, i, len(enc["input_ids"][i])))
@@ -100,13 +120,15 @@ def encode_qa(tokenizer, questions: list[str], contexts: list[str], answers: lis
             starts.append(start)
             ends.append(end)
             example_index.append(s.start + sample)
-    return dict(lengths=np.array([len(x) for x in ids], np.int32), input_ids=pack(ids), token_type_ids=pack(types),
-                offset_mapping=np.array([o for window in offsets for o in window], np.int32).reshape(-1, 2),
+    flat_offsets = [o for window in offsets for o in window]
+    return dict(lengths=_lengths(ids), input_ids=pack(ids), token_type_ids=pack(types),
+                offset_mapping=np.array(flat_offsets, np.int32).reshape(-1, 2),
                 start_positions=np.array(starts, np.int32), end_positions=np.array(ends, np.int32),
                 example_index=np.array(example_index, np.int32))
 
 
-def _answer_tokens(token_offsets: list[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int]:
+def _answer_tokens(token_offsets: list[tuple[int, int]], start_char: int,
+                   end_char: int) -> tuple[int, int]:
     """Token span of the answer characters in this window, or (0, 0) (the [CLS] "no answer" target)
     when the window does not hold the whole answer or there is no answer (predict inputs)."""
     context = [i for i, (a, _) in enumerate(token_offsets) if a >= 0]
