@@ -61,10 +61,11 @@ def main():
     import jax
 
     shape = bench.SHAPES[args.shape]
-    model, state, train_step = bench.jax_setup(shape, "float32", "xla")
-    batches = [jax.device_put(b)
+    model, state, strategy = bench.jax_setup(shape, "float32", "xla")
+    train_step = strategy.train_step
+    batches = [strategy.place_batch(b)
                for b in bench.jax_batches(args.batch, args.seq, shape["vocab_size"])]
-    rng = jax.random.PRNGKey(1)
+    rng = strategy.place_rng(jax.random.PRNGKey(1))
     for i in range(3):
         state, metrics = train_step(state, batches[i % 2], rng)
     jax.block_until_ready(metrics)

@@ -149,6 +149,19 @@ def test_compiles_once_per_batch_shape():
     assert int(state.step) == 5
 
 
+def test_strategy_step_compiles_once_per_batch_shape():
+    """The step the jit strategy compiles (shardings given to jax.jit) traces once per shape."""
+    model, c = ToyModel(), _config(mesh=(-1, 1, 1))
+    params = model.init_params(jax.random.PRNGKey(0))
+    strategy = _strategy(c, model, params, sharding.make_mesh(c))
+    state, rng = strategy.init_state(params), strategy.place_rng(RNG)
+    for i, length in enumerate([8, 16, 8, 16, 8]):
+        state, _ = strategy.train_step(state, strategy.place_batch(make_batch(i, length=length)),
+                                       rng)
+    assert strategy.train_step._cache_size() == 2
+    assert int(state.step) == 5
+
+
 def test_per_task_gradients_are_each_tasks_gradient_and_sum_to_full():
     model = ToyModel()
     params = model.init_params(jax.random.PRNGKey(0))

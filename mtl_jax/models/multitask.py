@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from mtl_jax.checkpoints import hf
 from mtl_jax.errors import UserError
 from mtl_jax.models import heads as heads_lib
 from mtl_jax.models import param_groups
@@ -32,6 +33,7 @@ from mtl_jax.models import losses as losses_lib
 from mtl_jax.models import peft_layers
 from mtl_jax.models import sharing as sharing_lib
 from mtl_jax.models import summary as summary_lib
+from mtl_jax.models.encoder import build_encoder
 from mtl_jax.models.encoder_config import EncoderConfig
 from mtl_jax.tasks.spec import TaskSpec
 from mtl_jax.text.tokenizer import tokenizer_for
@@ -52,8 +54,6 @@ def encoder_overrides(config, num_tasks: int) -> dict:
 
 
 def _random_encoder_config(config, overrides) -> EncoderConfig:
-    from mtl_jax.checkpoints import hf
-
     sizes = {k: v for k, v in config.model.size.items() if v}
     vocab_size = len(tokenizer_for(config))
     family = config.model.family
@@ -63,8 +63,6 @@ def _random_encoder_config(config, overrides) -> EncoderConfig:
 
 
 def _pretrained_encoder_config(config, overrides) -> EncoderConfig:
-    from mtl_jax.checkpoints import hf
-
     path = pathlib.Path(hf.resolve_model_path(config.model.name_or_path))
     hf_config = json.loads((path / "config.json").read_text())
     return hf.encoder_config_from_hf(hf_config, **overrides)
@@ -86,8 +84,6 @@ class MultiTaskModel:
     """See the module docstring and docs/architecture.md for the contract."""
 
     def __init__(self, config, specs: Sequence[TaskSpec], encoder_config: EncoderConfig):
-        from mtl_jax.models.encoder import build_encoder
-
         self.config = config
         self.specs = _check_specs(specs)
         self.num_tasks = len(self.specs)
@@ -115,9 +111,7 @@ class MultiTaskModel:
         if not pretrained:
             init = jax.jit(lambda r: self.encoder.init(r, **self._dummy_inputs())["params"])
             return nn.unbox(init(rng))
-        from mtl_jax.checkpoints import hf
-
-        overrides = encoder_overrides(self.config, self.num_tasks)
+            overrides = encoder_overrides(self.config, self.num_tasks)
         _, params = hf.load_encoder(self.config.model.name_or_path, dtype=overrides.pop("dtype"),
                                     rng=rng, **overrides)
         return nn.unbox(params)

@@ -11,8 +11,9 @@ A rule selects parameters by ``match`` (regex searched in the "/"-joined paramet
 ``model.param_labels`` gives the parameter: embeddings, encoder, pooler, heads/<task>, peft,
 prefix); with both, both must hold. Unset fields (``lr<0``, ``schedule=""``, ...) take the
 ``optim.*`` defaults. Every parameter must match exactly one group. An empty ``optim.groups``
-means one group ``all``, or, with PEFT (``peft.kind != none``), ``frozen`` (labels
-embeddings|encoder|pooler: the pretrained checkpoint) plus ``trainable`` (the rest).
+means one group ``all``, or, for a PEFT kind that keeps the checkpoint fixed
+(``PeftKind.freezes_checkpoint``), ``frozen`` (labels embeddings|encoder|pooler: the pretrained
+checkpoint) plus ``trainable`` (the rest).
 
 This is config and parameter-tree bookkeeping only (no optax), so the model can ask what is frozen
 (``frozen_mask``) without importing the training package; ``mtl_jax.training.optim`` builds the

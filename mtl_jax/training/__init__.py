@@ -1,1 +1,2 @@
-"""Optimizer, task weighting, the jitted train/eval steps, sharding, and the training loop."""
+"""Training: TrainState, the pure step bodies, weighting, optimizer, sharding and the parallel
+strategies that compile the steps, the loop and its metrics window, the modes (runner)."""

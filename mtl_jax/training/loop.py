@@ -30,7 +30,7 @@ from mtl_jax.errors import RunStopped, UserError
 from mtl_jax.training import evaluate_loop, flops
 from mtl_jax.training import workdir as workdir_lib
 from mtl_jax.training.early_stopping import EarlyStopping, select_metric
-from mtl_jax.training.metrics_window import DeviceWindow, HostWindow, task_presence
+from mtl_jax.training.metrics_window import DeviceWindow, HostWindow
 from mtl_jax.training.metrics_writer import METRICS_FILE, MetricsWriter
 from mtl_jax.training.preemption import PreemptionGuard
 from mtl_jax.training.results import write_results
@@ -173,9 +173,7 @@ class Loop:
                 state, metrics = self.train_step(state, placed, self.rng)
                 step += 1
                 self.ckpt.poll()  # a failed background save stops the run here, not hours later
-                if window is None:
-                    window = DeviceWindow.empty(metrics, len(self.task_names))
-                window = window.add(metrics, step, task_presence(batch, len(self.task_names)))
+                window = (window or DeviceWindow.empty(metrics)).add(metrics)
                 host.add(batch, self.cost.per_example)
                 bar.update(1)
                 last = step == t.num_steps
@@ -211,7 +209,7 @@ class Loop:
         """Host sync: a non-finite loss since the last check stops the run (nan_policy=stop)."""
         if window is None or self.config.train.nan_policy != "stop":
             return
-        found = window.first_nonfinite()
+        found = window.first_nonfinite(step)
         if found is None:
             return
         first_bad, tasks = found

@@ -1,20 +1,22 @@
 """The train metrics of one log window: summed on the device between log steps (no host sync per
-step), counted on the host from the NumPy batches, read into the logged means at a log step.
+step, no host value sent to the device either), counted on the host from the NumPy batches,
+read into the logged means at a log step.
 
     window, host = None, HostWindow()
-    every step     window = (window or DeviceWindow.empty(metrics, num_tasks)).add(
-                       metrics, step, task_presence(batch, num_tasks))
+    every step     window = (window or DeviceWindow.empty(metrics)).add(metrics)
                    host.add(batch, cost.per_example)
-    a check        window.first_nonfinite() -> None | (first bad step, its bad tasks)
+    a check        window.first_nonfinite(last_step) -> None | (first bad step, its bad tasks)
     a log step     window.read(host, task_names, peak_flops) -> {"train/loss": mean, ...,
                        "train/examples_per_s": ..., "train/skipped_steps": ... if any}
 
 A non-finite step (``metrics["train/finite"]`` false) is counted, not summed: the means are over
-the finite steps, a task's loss over the finite steps whose batch had that task.
+the finite steps, a task's loss over the finite steps whose batch had that task (the step's
+``metrics["train/present"]``: the global batch had an example of the task).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Mapping
 
@@ -26,19 +28,14 @@ import numpy as np
 from mtl_jax.training import flops
 
 FINITE = "train/finite"  # the step's own flag; never summed
+PRESENT = "train/present"  # bool [T]: the step's global batch had task t; never summed
+NOT_SUMMED = (FINITE, PRESENT)
 TASK_LOSS = "train/loss/"
 
 
 def task_of(key: str) -> str | None:
     """``"train/loss/sst2"`` -> ``"sst2"``; None for a metric that is not a task's loss."""
     return key[len(TASK_LOSS):] if key.startswith(TASK_LOSS) else None
-
-
-def task_presence(batch: Mapping, num_tasks: int) -> np.ndarray:
-    """int32 [num_tasks]: 1 where the (host) batch has a real example of the task."""
-    real = np.asarray(batch["weight"]).reshape(-1) > 0
-    ids = np.asarray(batch["task_id"]).reshape(-1)[real]
-    return np.isin(np.arange(num_tasks), ids).astype(np.int32)
 
 
 @flax.struct.dataclass
@@ -48,32 +45,29 @@ class DeviceWindow:
     sums: dict  # metric -> float32 sum over the finite steps
     bad: dict  # task-loss metric -> bool: non-finite at the first non-finite step
     present: jax.Array  # int32 [T]: finite steps whose batch had task t
-    first_bad: jax.Array  # int32: the first non-finite step, -1 if none
+    steps: jax.Array  # int32: steps added
+    first_bad: jax.Array  # int32: index (0 = the window's first step) of the first non-finite
     nonfinite: jax.Array  # int32: non-finite steps
 
     @classmethod
-    def empty(cls, metrics: Mapping, num_tasks: int) -> "DeviceWindow":
-        """Zeros for ``metrics``' keys, placed where the metrics are (an explicit transfer)."""
-        zeros = cls(sums={k: np.zeros([], np.float32) for k in metrics if k != FINITE},
-                    bad={k: np.zeros([], bool) for k in metrics if task_of(k)},
-                    present=np.zeros([num_tasks], np.int32),
-                    first_bad=np.asarray(-1, np.int32), nonfinite=np.asarray(0, np.int32))
-        return jax.device_put(zeros, _placement(metrics))
+    def empty(cls, metrics: Mapping) -> "DeviceWindow":
+        """Zeros for ``metrics``' keys, made on the devices where the metrics are."""
+        return _empty_on(metrics[FINITE].sharding)(dict(metrics))
 
-    def add(self, metrics: Mapping, step: int, task_present: np.ndarray) -> "DeviceWindow":
-        """The window with step ``step``'s metrics added. The host values are put beside the
-        metrics explicitly: nothing moves implicitly into the jitted sum."""
-        step, task_present = jax.device_put((np.int32(step), np.asarray(task_present, np.int32)),
-                                            _placement(metrics))
-        return _add(self, dict(metrics), step, task_present)
+    def add(self, metrics: Mapping) -> "DeviceWindow":
+        """The window with one more step's metrics (device arrays only: nothing crosses)."""
+        return _add(self, dict(metrics))
 
-    def first_nonfinite(self) -> tuple[int, list[str]] | None:
+    def first_nonfinite(self, last_step: int) -> tuple[int, list[str]] | None:
         """None when every step was finite, else (the first non-finite step, the tasks whose
-        loss was non-finite at it; empty: only the gradient norm was). A host sync."""
-        nonfinite, first_bad, bad = jax.device_get((self.nonfinite, self.first_bad, self.bad))
+        loss was non-finite at it; empty: only the gradient norm was). ``last_step``: the step
+        added last. A host sync."""
+        nonfinite, steps, first_bad, bad = jax.device_get(
+            (self.nonfinite, self.steps, self.first_bad, self.bad))
         if not nonfinite:
             return None
-        return int(first_bad), sorted(task_of(k) for k, v in bad.items() if v)
+        step = last_step - int(steps) + 1 + int(first_bad)
+        return step, sorted(task_of(k) for k, v in bad.items() if v)
 
     def read(self, host: "HostWindow", task_names: list[str],
              peak_flops: float | None) -> dict[str, float]:
@@ -95,21 +89,33 @@ class DeviceWindow:
         return out
 
 
+@functools.lru_cache(maxsize=None)
+def _empty_on(sharding) -> Callable[[dict], "DeviceWindow"]:
+    # Constants made inside jit land on the default device unless told otherwise: out_shardings
+    # puts the zeros beside the metrics, so the first _add moves nothing.
+    return jax.jit(_empty, out_shardings=sharding)
+
+
+def _empty(metrics: dict) -> DeviceWindow:
+    zero = jnp.zeros([], jnp.int32)
+    return DeviceWindow(
+        sums={k: jnp.zeros([], jnp.float32) for k in metrics if k not in NOT_SUMMED},
+        bad={k: jnp.zeros([], bool) for k in metrics if task_of(k)},
+        present=jnp.zeros(metrics[PRESENT].shape, jnp.int32), steps=zero,
+        first_bad=zero - 1, nonfinite=zero)
+
+
 @jax.jit
-def _add(window: DeviceWindow, metrics: dict, step, task_present) -> DeviceWindow:
+def _add(window: DeviceWindow, metrics: dict) -> DeviceWindow:
     finite = metrics[FINITE]
     sums = {k: window.sums[k] + jnp.where(finite, v.astype(jnp.float32), 0.0)
-            for k, v in metrics.items() if k != FINITE}
+            for k, v in metrics.items() if k not in NOT_SUMMED}
     first = (window.first_bad < 0) & ~finite  # the tasks named are those of the first bad step
     bad = {k: jnp.where(first, ~jnp.isfinite(metrics[k]), window.bad[k]) for k in window.bad}
-    return DeviceWindow(sums=sums, bad=bad, present=window.present + (task_present & finite),
-                        first_bad=jnp.where(first, step, window.first_bad),
+    present = window.present + (metrics[PRESENT] & finite).astype(jnp.int32)
+    return DeviceWindow(sums=sums, bad=bad, present=present, steps=window.steps + 1,
+                        first_bad=jnp.where(first, window.steps, window.first_bad),
                         nonfinite=window.nonfinite + (~finite).astype(jnp.int32))
-
-
-def _placement(metrics: Mapping):
-    """Where the step put its metrics (None, the default device, for host values)."""
-    return getattr(metrics["train/loss"], "sharding", None)
 
 
 @dataclasses.dataclass

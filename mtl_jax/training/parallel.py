@@ -84,6 +84,12 @@ class JitStrategy(_Strategy):
         return self.state_shardings
 
     def place_batch(self, host_batch: dict) -> dict:
+        if step_lib.is_stacked(host_batch) and not self.stacked:
+            # The compiled step's batch sharding follows data.batch_mode (the task axis first
+            # when stacked), so a stacked batch in another mode would be laid out wrongly.
+            raise UserError("a stacked batch ([T, B//T, ...]) reached a run whose "
+                            f"data.batch_mode={self.config.data.batch_mode}; set "
+                            "data.batch_mode=stacked")
         return sharding_lib.shard_batch(host_batch, self.mesh)
 
     def place_rng(self, key):
@@ -147,8 +153,9 @@ class PmapStrategy(_Strategy):
     def train_step(self):
         body = step_lib.make_train_step(self.model, self.config,
                                         reducer=step_lib.Reducer(self.AXIS))
-        pstep = jax.pmap(body, axis_name=self.AXIS, in_axes=(0, 0, None), donate_argnums=0,
-                         devices=self.devices)
+        # No ``devices=``: pmap's default mesh spans every process's devices, so the psum is
+        # global on several hosts too (a per-process device list would make it host-local).
+        pstep = jax.pmap(body, axis_name=self.AXIS, in_axes=(0, 0, None), donate_argnums=0)
 
         def train_step(state, batch, rng):
             state, metrics = pstep(state, batch, rng)
@@ -159,7 +166,7 @@ class PmapStrategy(_Strategy):
 
     @functools.cached_property
     def eval_step(self):
-        papply = jax.pmap(step_lib.make_eval_step(self.model), devices=self.devices)
+        papply = jax.pmap(step_lib.make_eval_step(self.model))
 
         def eval_step(state, batch):
             out = papply(state, batch)

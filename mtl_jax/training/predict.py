@@ -24,6 +24,7 @@ from mtl_jax.data.features import Features
 from mtl_jax.data.pipeline import TaskData
 from mtl_jax.errors import UserError
 from mtl_jax.evaluation.evaluate import collect_outputs
+from mtl_jax.evaluation.qa_postprocess import best_answers
 from mtl_jax.evaluation.metrics import entities
 from mtl_jax.registry import Registry
 from mtl_jax.tasks.definitions import task_definitions
@@ -137,8 +138,6 @@ def _qa_example(record, where, definition):
 
 
 def _answers(examples, features, outputs, definition, label_names):
-    from mtl_jax.evaluation.qa_postprocess import best_answers
-
     answers = best_answers(examples, features, outputs, n_best=definition.n_best,
                            max_answer_length=definition.max_answer_length)
     return [{"answer": a} for a in answers]

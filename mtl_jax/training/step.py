@@ -244,7 +244,13 @@ def _leaf_masks(params, labels, split, config, weighting):
 
 # --- the step ----------------------------------------------------------------------------------
 
+NAN_POLICIES = ("stop", "skip")
+
+
 def _check_config(config):
+    if config.train.nan_policy not in NAN_POLICIES:  # also checked by validate, for bench/tests
+        raise UserError(f"unknown train.nan_policy {config.train.nan_policy!r}; "
+                        f"valid: {', '.join(NAN_POLICIES)}")
     weighting = weighting_lib.get(config)
     if weighting.uses_task_grads and config.data.batch_mode != "stacked":
         raise UserError(f"weighting.name={config.weighting.name} needs per-task gradients; "
@@ -318,6 +324,7 @@ def _metrics(state, names, out: StepGrads, grad_norm, finite):
     lrs = state.optimizer.learning_rates(state.step)
     m = {"train/loss": out.total, "train/grad_norm": grad_norm,
          "train/soft_penalty": out.penalty, "train/finite": finite,
+         "train/present": out.counts > 0,  # [T]: the global batch had the task (for the loop)
          "train/lr": jnp.asarray(lrs[state.optimizer.main_group])}
     if len(lrs) > 1:
         m.update({f"train/lr/{g}": jnp.asarray(v) for g, v in lrs.items()})

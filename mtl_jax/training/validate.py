@@ -17,8 +17,8 @@ from mtl_jax.models.layers import FAMILY_TRAITS
 
 
 def _choices() -> dict[str, Callable[[], Iterable[str]]]:
-    """Config key -> its valid names (registries where the key has one). Imported lazily: the
-    registries live with the code that uses them."""
+    """Config key -> its valid names (registries where the key has one). The lookups are
+    lambdas, evaluated only for the keys a config sets to a bad value."""
     from mtl_jax.data import batching, samplers
     from mtl_jax.models import encoder_config, heads, peft_layers, sharing, soft_sharing
     from mtl_jax.training import optim, parallel, sharding, step, weighting
@@ -41,7 +41,7 @@ def _choices() -> dict[str, Callable[[], Iterable[str]]]:
         "weighting.task_grad_impl": step.TASK_GRAD_IMPLS.names,
         "parallel.mode": parallel.PARALLEL.names,
         "parallel.rules": sharding.RULES.names,
-        "train.nan_policy": lambda: ("stop", "skip"),
+        "train.nan_policy": lambda: step.NAN_POLICIES,
         "train.early_stopping_mode": lambda: ("max", "min"),
         "eval.checkpoint": lambda: ("best", "latest"),
     }
