@@ -111,7 +111,7 @@ class MultiTaskModel:
         if not pretrained:
             init = jax.jit(lambda r: self.encoder.init(r, **self._dummy_inputs())["params"])
             return nn.unbox(init(rng))
-            overrides = encoder_overrides(self.config, self.num_tasks)
+        overrides = encoder_overrides(self.config, self.num_tasks)
         _, params = hf.load_encoder(self.config.model.name_or_path, dtype=overrides.pop("dtype"),
                                     rng=rng, **overrides)
         return nn.unbox(params)
