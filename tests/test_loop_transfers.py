@@ -102,8 +102,3 @@ def test_the_guard_catches_an_implicit_transfer_in_a_quiet_step(jit_run, tmp_pat
     with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"):
         train_guarded(jit_run, tmp_path / "run", step_fn=host_rng_at_step_4)
     assert len(calls) == 4
-
-
-def test_quiet_steps_make_no_implicit_transfer_on_the_pmap_path(tmp_path):
-    guard = train_guarded(build(tmp_path, "pmap"), tmp_path / "run")
-    assert guard.guarded == QUIET
