@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from mtl_jax.errors import UserError
+from mtl_jax.models.param_groups import path_str
 
 # orbax warns on every save without a metric when best tracking is on; most saves have none.
 logging.getLogger("absl").addFilter(lambda r: "did not provide metrics" not in r.getMessage())
@@ -372,15 +373,8 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
             leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, dtype))
-        shapes["/".join(_key_name(k) for k in path)] = tuple(getattr(leaf, "shape", np.shape(leaf)))
+        shapes[path_str(path)] = tuple(getattr(leaf, "shape", np.shape(leaf)))
     return shapes
-
-
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
 
 
 def _fmt(shape) -> str:
