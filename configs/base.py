@@ -1,7 +1,7 @@
 """Every default of mtl_jax, defined once. Experiment configs start from ``get_base_config()``.
 
-Sections: model, tasks, data, sharing, peft, heads, optim, weighting, parallel, train, eval,
-checkpoint. The CLI locks the final config, so an override of a key that does not exist here
+Sections: model, tasks, data, sharing, peft, heads, optim, weighting, parallel, train, meta,
+eval, checkpoint. The CLI locks the final config, so an override of a key that does not exist here
 (``--config.optim.lrr=1``) is an error naming the closest valid keys.
 """
 import ml_collections
@@ -30,6 +30,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     # <0: the checkpoint's own rates. Attention-probability dropout > 0 takes the explicit XLA
     # attention in training (fused cuDNN attention has no dropout).
     c.model.dropout = -1.0
+    # Start a fresh run from another mtl_jax run's checkpoint: "DIR[:best|latest|STEP]" (DIR a
+    # training workdir; latest when the suffix is omitted); empty = off. A resume ignores it.
+    # What is loaded and checked: mtl_jax/checkpoints/init_from.py.
+    c.model.init_from = ""
+    # Also the heads of tasks in both runs (same name, type, label names and shapes; others fresh).
+    c.model.init_from_heads = True
+    # Also the PEFT modules (prefix / adapters / LoRA rows) of the tasks in both runs.
+    c.model.init_from_peft = True
+    # From a soft-sharing source ([T_src, ...] encoder leaves): "mean" over its tasks, or the
+    # name of the source task whose encoder to take.
+    c.model.init_from_encoder = "mean"
 
     # --- tasks: name -> definition (see mtl_jax.tasks.presets) --------------------------------
     c.tasks = ml_collections.ConfigDict()
@@ -94,7 +105,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # --- task-loss weighting and gradient surgery ----------------------------------------------
     c.weighting = ml_collections.ConfigDict()
-    c.weighting.name = "equal"  # equal | static | uncertainty | gradnorm | dwa | pcgrad | cagrad
+    # equal | static | uncertainty | gradnorm | dwa | pcgrad | cagrad | meta
+    c.weighting.name = "equal"
     c.weighting.static_weights = ml_collections.ConfigDict()  # task -> weight (static)
     c.weighting.gradnorm_alpha = 1.5
     c.weighting.gradnorm_lr = 0.025
@@ -109,6 +121,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     # parameters (heads, per-task PEFT rows) get the plain sum of task gradients.
     c.weighting.shared_labels = "embeddings|encoder|pooler"
     c.weighting.task_grad_impl = "vmap"  # per-task gradients: vmap (fast) | map (less memory)
+    # meta: w = T softmax(logits), the logits moved by Adam (lr meta_lr) along d M / d w, M the
+    # loss on a held-out batch after one virtual SGD step (lr meta_virtual_lr; 0 = the
+    # optimizer's lr of the step) on the weighted train loss. Held-out rows: meta_split "train"
+    # holds out meta_holdout of every task's train examples (never trained on); another name
+    # takes that split of each task (never validation/test). meta_batch_size rows per step (all
+    # tasks together, an equal share each; 0 = train.batch_size). A look-ahead step costs about
+    # 2.5 plain steps (a jvp, two transposes and the held-out forward/backward): meta_every.
+    c.weighting.meta_lr = 1e-3
+    c.weighting.meta_virtual_lr = 0.0
+    c.weighting.meta_split = "train"
+    c.weighting.meta_holdout = 0.1
+    c.weighting.meta_batch_size = 0
+    c.weighting.meta_every = 1  # update the weights every N steps (between: fixed weights)
 
     # --- devices -------------------------------------------------------------------------------
     c.parallel = ml_collections.ConfigDict()
@@ -131,6 +156,24 @@ def get_base_config() -> ml_collections.ConfigDict:
     # direction pick the best checkpoint (checkpoint.keep_best) and the "best" results.
     c.train.early_stopping_mode = "max"
     c.train.early_stopping_min_delta = 0.0  # an improvement must beat the best by more than this
+    # standard (per-task losses, weighting, one update) | reptile | fomaml (first-order
+    # meta-learning over sampled tasks, settings in `meta`; mtl_jax/training/trainers.py)
+    c.train.algorithm = "standard"
+
+    # --- meta-learning (train.algorithm reptile | fomaml; mtl_jax/training/meta_learning.py) ---
+    # An outer step adapts a copy of the trainable parameters to each of tasks_per_step tasks
+    # (drawn i.i.d. by data.sampler's rates) with inner_steps steps of inner_optimizer, then
+    # the run's optimizer (optim.*) applies the outer gradient: reptile mean(theta - phi),
+    # fomaml the mean query-batch gradient at phi (one more batch of the same task). Reptile's
+    # own rule theta += eps (mean phi - theta) is optim.name=sgd, optim.lr=eps, optim.b1=0,
+    # optim.weight_decay=0, optim.clip_norm=0, optim.schedule=constant, warmup_fraction=0.
+    # Needs weighting.name=equal and data.batch_mode=homogeneous; num_steps counts outer steps.
+    c.meta = ml_collections.ConfigDict()
+    c.meta.tasks_per_step = 4  # K tasks per outer step (a task may be drawn more than once)
+    c.meta.inner_steps = 3  # S inner steps per task; its optimizer state starts fresh each time
+    c.meta.inner_optimizer = "sgd"  # sgd | adam (optax defaults b1 0.9, b2 0.999, eps 1e-8)
+    c.meta.inner_lr = 1e-3
+    c.meta.inner_batch_size = 0  # rows per inner step per task (all hosts); 0 = train.batch_size
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64

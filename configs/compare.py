@@ -15,6 +15,9 @@ Args (comma-separated after ``:``): ``tiny`` (random 2-layer encoder, hidden 32,
 32 eval examples a task, ~10 steps: for tests), ``tasks=sst2+rte`` (a subset; each single-task
 run is launched with its own ``tasks=``), ``epochs=N`` (default 3).
 Metrics: SST-2 and RTE accuracy, CoLA Matthews corrcoef, CoNLL-2003 seqeval entity F1.
+Knowledge transfer: ``--config.compare.setups=hard,hard_ft`` adds, per task, the single-task run
+started from hard sharing's final parameters (the row ``hard → fine-tune``; its wall time excludes
+hard's own).
 """
 import math
 import pathlib
@@ -41,6 +44,9 @@ BATCH_SIZE = 32
 EVALS_PER_RUN = 6  # validation points per run (the curves in the report)
 SETUPS = "single,hard,soft,prefix,adapters,lora"
 PEFT_LR = 1e-3
+META = dict(tasks_per_step=4, inner_steps=3, inner_optimizer="adam", inner_lr=5e-5,
+            inner_batch_size=8)
+META_WEIGHTS = dict(meta_holdout=0.1, meta_batch_size=16, meta_lr=1e-2, meta_every=4)
 
 
 def parse_args(arg) -> dict:
@@ -141,8 +147,18 @@ def get_config(arg=None):
     # --- the comparison driver (mtl_jax/compare/); the training job ignores this section ---
     c.compare = ml_collections.ConfigDict()
     c.compare.args = format_args(args)  # this config's own :arg, reused for the child runs
-    c.compare.setups = SETUPS  # comma-separated; "single" = one single-task run per task
+    # Comma-separated; "single" = one single-task run per task. "<X>_ft" for a multi-task setup X
+    # listed before it (hard_ft, soft_ft, lora_ft, ...): per task, that task's single-task run
+    # started from X's final params (model.init_from=DIR/runs/X:latest), runs <X>_ft_<task>,
+    # reported together as the row "X → fine-tune".
+    c.compare.setups = SETUPS
     c.compare.peft_lr = PEFT_LR  # optim.lr of the prefix, adapters and lora setups
+    # The reptile / fomaml setups' meta.* settings (their budget: the multi-task run's examples;
+    # mtl_jax/compare/plan.py): 4 tasks an outer step, 3 inner Adam steps of 8 rows at lr 5e-5.
+    c.compare.meta = ml_collections.ConfigDict(META)
+    # meta_weights (weighting.name=meta): the held-out share, its rows per step, the logits' Adam
+    # lr, and a weight update every 4 steps (a look-ahead step costs about 2.5 plain steps).
+    c.compare.meta_weights = ml_collections.ConfigDict(META_WEIGHTS)
     c.compare.sweep_base = "hard"  # the setup a --sweep value is applied on top of
     c.compare.metrics = ml_collections.ConfigDict({t: PRIMARY_METRICS[t] for t in args["tasks"]})
     return c

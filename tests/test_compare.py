@@ -72,6 +72,28 @@ def test_plan_has_every_setup_with_its_overrides(tiny):
     assert setups["hard_optim.lr=3e-05"].sweep == ("optim.lr", 3e-5)
 
 
+def test_meta_learning_setups_spend_the_multi_task_examples(shared_data):
+    c = compare_config.get_config()
+    with c.unlocked():
+        c.compare.setups = "reptile,reptile_ft,fomaml,meta_weights,meta_weights_ft"
+    setups = {s.name: s for s in compare.plan(c)}
+    # 3,289 steps x 32 rows; an outer step reads 4 tasks x (3 inner + query) x 8 rows.
+    reptile, fomaml = setups["reptile"].overrides, setups["fomaml"].overrides
+    assert reptile["train.num_steps"] == -(-3289 * 32 // (4 * 3 * 8)) == 1097
+    assert fomaml["train.num_steps"] == -(-3289 * 32 // (4 * 4 * 8)) == 823
+    assert reptile["train.eval_every"] == 1097 // 6 and fomaml["train.eval_every"] == 823 // 6
+    assert (reptile["train.algorithm"], fomaml["train.algorithm"]) == ("reptile", "fomaml")
+    assert (reptile["optim.name"], reptile["optim.lr"], reptile["optim.b1"]) == ("sgd", 1.0, 0.0)
+    assert "optim.name" not in fomaml  # the protocol's AdamW
+    for o in (reptile, fomaml):
+        assert (o["meta.tasks_per_step"], o["meta.inner_steps"], o["meta.inner_batch_size"],
+                o["meta.inner_optimizer"], o["meta.inner_lr"]) == (4, 3, 8, "adam", 5e-5)
+    weights = setups["meta_weights"].overrides
+    assert weights["weighting.name"] == "meta" and weights["weighting.meta_every"] == 4
+    assert setups["reptile_ft_rte"].init_from == "reptile"
+    assert setups["meta_weights_ft_cola"].init_from == "meta_weights"
+
+
 def test_child_command_orders_setup_then_user_then_sweep(tiny):
     setups = {s.name: s for s in compare.plan(tiny, ["optim.lr=3e-5"])}
     user = {"optim.lr": 2e-5, "train.log_every": 7}
@@ -101,6 +123,32 @@ def test_plan_errors_are_one_line(tiny):
         tiny.compare.setups = "hard,shared"
     with pytest.raises(UserError, match="unknown comparison setup 'shared'"):
         compare.plan(tiny)
+
+
+def test_fine_tune_setups_are_the_single_task_runs_started_from_their_source(tiny):
+    with tiny.unlocked():
+        tiny.compare.setups = "single,hard,hard_ft"
+    setups = {s.name: s for s in compare.plan(tiny)}
+    tasks = ("sst2", "cola", "rte", "conll2003")
+    assert list(setups)[4:] == ["hard"] + [f"hard_ft_{t}" for t in tasks]
+    for task in tasks:
+        single, ft = setups[f"single_{task}"], setups[f"hard_ft_{task}"]
+        assert (ft.tasks, ft.overrides, ft.sweep, ft.init_from) == (
+            single.tasks, single.overrides, single.sweep, "hard")
+    user = {"train.log_every": 7}
+    ft = compare.child_command(setups["hard_ft_rte"], "/r/configs/compare.py", tiny.compare.args,
+                               "/w/runs/hard_ft_rte", user)
+    single = compare.child_command(setups["single_rte"], "/r/configs/compare.py",
+                                   tiny.compare.args, "/w/runs/hard_ft_rte", user)
+    assert ft == single[:5] + ["--config.model.init_from=/w/runs/hard:latest"] + single[5:]
+    assert compare.SETUP_KINDS.get("lora_ft") and compare.SETUP_KINDS.get("soft_ft")
+    for setups_value in ("hard_ft", "hard_ft,hard"):
+        with tiny.unlocked():
+            tiny.compare.setups = setups_value
+        with pytest.raises(UserError, match="setup hard_ft_sst2 fine-tunes from hard, which "
+                                            "compare.setups does not list before it; list hard "
+                                            "first, e.g. compare.setups=hard,hard_ft"):
+            compare.plan(tiny)
 
 
 # --- resume (fake launcher) ------------------------------------------------------------------
@@ -155,6 +203,36 @@ def test_resume_skips_finished_setups_and_relaunches_half_done_ones(tiny, tmp_pa
     with pytest.raises(UserError, match="was started with other settings"):
         compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), {"optim.lr": 1e-4},
                                launch=fake, count_params=count, log=lambda s: None)
+
+
+def test_fine_tunes_wait_for_their_source_and_record_where_they_start(tiny, tmp_path):
+    with tiny.unlocked():
+        tiny.compare.setups = "hard,hard_ft"
+    lines = []
+    fake = FakeLauncher(fail={"hard"})
+    statuses = compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), launch=fake,
+                                      count_params=lambda c: (7, 70), log=lines.append)
+    assert fake.launched == ["hard"]
+    assert statuses["hard_ft_rte"] == "blocked (hard not finished)"
+    assert "hard_ft_rte: blocked: it starts from hard's final params and hard has not finished" \
+        in "\n".join(lines)
+    fake = FakeLauncher()
+    statuses = compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), launch=fake,
+                                      count_params=lambda c: (7, 70), log=lines.append)
+    assert fake.launched == ["hard", "hard_ft_sst2", "hard_ft_cola", "hard_ft_rte",
+                             "hard_ft_conll2003"]
+    facts = json.loads((tmp_path / "runs" / "hard_ft_rte" / "compare.json").read_text())
+    assert facts["overrides"] == {"sharing.mode": "hard", "peft.kind": "none",
+                                  "model.init_from": "runs/hard:latest"}  # DIR-relative
+    assert f"--config.model.init_from={tmp_path}/runs/hard:latest" in facts["command"]
+    # A moved comparison directory resumes its half-done fine-tunes (the settings match).
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    shutil.copytree(tmp_path, moved)
+    (moved / "runs" / "hard_ft_rte" / "results.json").unlink()
+    fake = FakeLauncher()
+    compare.run_comparison(tiny, "configs/compare.py", str(moved), launch=fake,
+                           count_params=lambda c: (7, 70), log=lines.append)
+    assert fake.launched == ["hard_ft_rte"]
 
 
 def test_sigterm_to_the_driver_reaches_the_job_and_stops_the_driver(tmp_path):
@@ -276,6 +354,35 @@ def test_report_table_rows_mean_and_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_report_combines_each_setups_fine_tunes_into_one_row(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "hard", {"sst2": {"accuracy": 0.9}, "cola": {"matthews_corrcoef": 0.4}},
+             facts={"trainable_params": 22e6, "wall_s": 600.0})
+    text = pathlib.Path(compare.write_report(str(tmp_path), METRICS, ["hard"])).read_text()
+    assert "fine-tune" not in text  # no fine-tune runs: the report as it always was
+    fake_run(runs, "hard_ft_sst2", {"sst2": {"accuracy": 0.92}},
+             facts={"trainable_params": 2e6, "wall_s": 60.0}, extra={"examples_per_s": 50.0},
+             events=[{"step": 5, "eval/sst2/accuracy": 0.91}])
+    fake_run(runs, "hard_ft_cola", {"cola": {"matthews_corrcoef": 0.5}},
+             facts={"trainable_params": 3e6, "wall_s": 180.0}, extra={"examples_per_s": 10.0})
+    order = ["hard", "hard_ft_sst2", "hard_ft_cola"]
+    text = pathlib.Path(compare.write_report(str(tmp_path), METRICS, order)).read_text()
+    # params 2M + 3M, wall 60 + 180 s = 4.0 min (hard's 10 min not included),
+    # examples/s = (50 * 60 + 10 * 180) / 240 = 20.
+    assert "\n".join([
+        "| hard | 90.00 | 40.00 | - | - | - | 22M | 10.0 min | - |",
+        "| hard_ft_sst2 | 92.00 | - | - | - | - | 2M | 1.0 min | 50.0 |",
+        "| hard_ft_cola | - | 50.00 | - | - | - | 3M | 3.0 min | 10.0 |",
+        "| hard \N{RIGHTWARDS ARROW} fine-tune | 92.00 | 50.00 | - | - | - | 5M | 4.0 min | 20.0 |",
+    ]) in text
+    assert "`X \N{RIGHTWARDS ARROW} fine-tune` takes each task from its run `X_ft_<task>`" in text
+    assert "X's own wall time not included" in text
+    rows = {r.name: r for r in compare.collect_rows(str(tmp_path), METRICS, order)}
+    assert rows["hard \N{RIGHTWARDS ARROW} fine-tune"].curves == {}  # each run draws its line
+    assert compare.curve_series(list(rows.values()), "sst2") == [
+        ("hard_ft_sst2", "C1", [(5, 0.91)])]
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not (REPO / "mtl_jax" / "training" / "runner.py").exists(),
@@ -296,6 +403,27 @@ def test_compare_end_to_end_tiny(shared_data, tmp_path):
     assert len(rows) == 4  # final and best tables
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.count("skipped") == 2, proc.stdout
+
+
+@pytest.mark.skipif(not (REPO / "mtl_jax" / "training" / "runner.py").exists(),
+                    reason="mtl_jax.main does not train yet (no mtl_jax/training/runner.py)")
+def test_compare_hard_then_its_fine_tune_end_to_end_tiny(shared_data, tmp_path):
+    """hard on RTE, then hard_ft_rte started from hard's last checkpoint, then the report."""
+    cmd = [sys.executable, "-m", "mtl_jax.compare",
+           "--config=configs/compare.py:tiny,tasks=rte,epochs=1", f"--workdir={tmp_path}",
+           "--config.compare.setups=hard,hard_ft", "--config.eval.batch_size=32"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = tmp_path / "runs"
+    hard = json.loads((runs / "hard" / "results.json").read_text())
+    assert json.loads((runs / "hard_ft_rte" / "results.json").read_text())["final_step"] == 4
+    log = (runs / "hard_ft_rte" / "compare.log").read_text()
+    assert (f"init_from {runs / 'hard'} step {hard['final_step']}: encoder (hard); heads rte\n"
+            in log)  # the source's last step: its final params
+    report = (tmp_path / "report.md").read_text()
+    rows = [line for line in report.splitlines()
+            if line.startswith("| hard \N{RIGHTWARDS ARROW} fine-tune |")]
+    assert len(rows) == 2  # final and best tables
 
 
 def test_publish_copies_finished_runs_and_writes_the_report_beside_them(tmp_path):

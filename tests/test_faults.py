@@ -198,3 +198,18 @@ def test_soak_interrupted_ten_times_ends_bit_identical(ctx, tmp_path):
     assert set(logged(tmp_path / "straight")) <= set(logged(workdir))
     sittings = (workdir / "sittings.jsonl").read_text().splitlines()
     assert len(sittings) == 11
+
+
+def test_keys_added_after_a_run_was_saved_are_no_change_at_their_old_behaviour():
+    saved = {"train": {"num_steps": 4}, "tasks": {"a": {"metrics": ["f1"]}}}
+    now = {"train": {"num_steps": 4, "algorithm": "standard"},
+           "meta": {"inner_steps": 3}, "weighting": {"meta_lr": 0.1},
+           "tasks": {"a": {"metrics": ["f1"], "k_shot": 0, "k_shot_seed": 0}}}
+    assert workdir_lib.changed_keys(saved, now) == []
+    now["train"]["algorithm"] = "reptile"
+    now["tasks"]["a"]["k_shot"] = 16
+    assert workdir_lib.changed_keys(saved, now) == [
+        ("tasks.a.k_shot", "absent", 16), ("train.algorithm", "absent", "reptile")]
+    saved["train"]["algorithm"] = "fomaml"  # present in the saved config: compared as usual
+    assert workdir_lib.changed_keys(saved, now) == [
+        ("tasks.a.k_shot", "absent", 16), ("train.algorithm", "fomaml", "reptile")]

@@ -149,3 +149,26 @@ def test_pmap_run_killed_and_resumed_matches_an_uninterrupted_pmap_run(setup):
     assert_same_params(workdir, straight)
     final = json.loads((workdir / "results.json").read_text())["final"]
     assert final == json.loads((straight / "results.json").read_text())["final"]
+
+
+def test_meta_weighting_run_killed_and_resumed_is_bit_identical(setup):
+    """weighting.name=meta: the weights' Adam state and the held-out stream resume too."""
+    root, config, cache = setup
+    meta = ("--config.weighting.name=meta", "--config.weighting.meta_lr=0.05")
+    straight = root / "meta_straight"
+    proc = run_main(f"--config={config}", f"--workdir={straight}", *meta,
+                    env=main_env(cache_dir=cache))
+    assert proc.returncode == 0, proc.stderr
+    weights = [e["train/weight/sent"] for e in train_events(straight)]
+    assert weights[0] != 1.0 and len(set(weights)) == 4  # learned, and moving every step
+    workdir = root / "meta_killed"
+    paused = start_paused(config, workdir, cache, step=3, extra=meta)
+    paused.kill()
+    paused.wait()
+    resumed = run_main(f"--config={config}", f"--workdir={workdir}", *meta,
+                       env=main_env(cache_dir=cache))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_params(workdir, straight)
+    keys = ("step", "train/loss", "train/weight/sent", "train/weight/ner")
+    assert ([[e.get(k) for k in keys] for e in train_events(workdir)]
+            == [[e.get(k) for k in keys] for e in train_events(straight)])

@@ -10,8 +10,9 @@ import time
 from typing import Callable, Mapping, Sequence
 
 from mtl_jax import cli
-from mtl_jax.compare.plan import (RUN_FACTS, RUNS_DIR, child_command, merged_overrides, plan,
-                                  protocol_metrics, read_json, setup_config, trainable_params)
+from mtl_jax.compare.plan import (INIT_FROM, RUN_FACTS, RUNS_DIR, child_command,
+                                  init_from_override, merged_overrides, plan, protocol_metrics,
+                                  read_json, setup_config, trainable_params)
 from mtl_jax.compare.report import write_report
 from mtl_jax.errors import STOPPED_EXIT_CODE, UserError
 from mtl_jax.training.workdir import write_json
@@ -63,8 +64,11 @@ def record_launch(facts_path: str, facts: dict, returncode: int, start: float) -
 
 
 def _settings(command: Sequence[str]) -> list[str]:
-    """What makes a run: its config and overrides (not the interpreter or where DIR lies)."""
-    return [a for a in command[1:] if not a.startswith("--workdir=")]
+    """What makes a run: its config and overrides (not the interpreter or where DIR lies: a
+    fine-tune's source run counts by its name only)."""
+    init_from = f"--config.{INIT_FROM}="
+    return [init_from + os.path.basename(a[len(init_from):]) if a.startswith(init_from) else a
+            for a in command[1:] if not a.startswith("--workdir=")]
 
 
 def run_comparison(config, config_file: str, workdir: str,
@@ -73,8 +77,9 @@ def run_comparison(config, config_file: str, workdir: str,
                    count_params: Callable | None = trainable_params,
                    log: Callable[[str], None] = print) -> dict[str, str]:
     """Runs every setup not finished yet, then writes the report; returns setup -> status
-    ("skipped" = results.json already there, "done", "failed (exit N)", or "stopped (...)" when
-    a signal ended the comparison; no report then)."""
+    ("skipped" = results.json already there, "done", "failed (exit N)", "blocked (...)" = a
+    fine-tune whose source run has not finished, or "stopped (...)" when a signal ended the
+    comparison; no report then)."""
     workdir = os.path.abspath(workdir)
     config_file = os.path.abspath(config_file)
     setups = plan(config, sweeps)
@@ -84,6 +89,13 @@ def run_comparison(config, config_file: str, workdir: str,
         if os.path.exists(os.path.join(run_dir, "results.json")):
             statuses[setup.name] = "skipped"
             log(f"[compare] {setup.name}: results.json exists, skipped")
+            continue
+        source = setup.init_from
+        if source and not os.path.exists(os.path.join(workdir, RUNS_DIR, source, "results.json")):
+            statuses[setup.name] = f"blocked ({source} not finished)"
+            log(f"[compare] {setup.name}: blocked: it starts from {source}'s final params and "
+                f"{source} has not finished (no {RUNS_DIR}/{source}/results.json); fix {source} "
+                f"and rerun the same command")
             continue
         statuses[setup.name] = _run_setup(config, config_file, setup, run_dir, user, launch,
                                           count_params, log)
@@ -107,8 +119,9 @@ def _run_setup(config, config_file, setup, run_dir, user, launch, count_params, 
         facts["trainable_params"], facts["total_params"] = count_params(
             setup_config(config, setup, user))
     facts.update(setup=setup.name, tasks=list(setup.tasks), command=command,
-                 overrides={k: cli.format_value(v)
-                            for k, v in merged_overrides(setup, user).items()})
+                 overrides={k: cli.format_value(v) for k, v in {
+                     **merged_overrides(setup, user),
+                     **init_from_override(setup, RUNS_DIR)}.items()})  # DIR-relative
     write_json(facts_path, facts)
     log(f"[compare] {setup.name}: {'resuming' if facts.get('launches') else 'starting'} "
         f"(log: {os.path.join(run_dir, 'compare.log')})")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import os
 import re
 import sys
 from typing import Callable, Mapping, Sequence
@@ -29,6 +31,20 @@ RUNS_DIR = "runs"  # DIR/runs/<setup>: one training run directory per setup
 RUN_FACTS = "compare.json"  # the driver's record of a run: command, launches, wall time
 SINGLE_PREFIX = "single_"  # the runs of the "single" setups: single_<task>
 SINGLE_COMBINED = "single-task (all)"  # the report's row of every single-task run together
+FINE_TUNE = "_ft"  # setup kind <X>_ft: X's final params fine-tuned on each task, runs <X>_ft_<task>
+INIT_FROM = "model.init_from"
+_FINE_TUNE_RUN = re.compile(rf"^(?P<source>.+?){FINE_TUNE}_(?P<task>.+)$")
+
+
+def fine_tune_source(run_name: str) -> str | None:
+    """The setup X whose fine-tune run ``run_name`` (``<X>_ft_<task>``) is; None for others."""
+    match = _FINE_TUNE_RUN.match(run_name)
+    return match.group("source") if match else None
+
+
+def fine_tune_row(source: str) -> str:
+    """The report's row of every fine-tune run of ``source`` together."""
+    return f"{source} → fine-tune"
 
 
 def read_json(path: str) -> dict | None:
@@ -50,6 +66,7 @@ class Setup:
     tasks: tuple[str, ...]
     overrides: Mapping[str, object]
     sweep: tuple = ()  # (key, value) of a --sweep setup: applied after the user's overrides
+    init_from: str = ""  # the setup whose final params this run starts from (runs/<it>:latest)
 
 
 # compare.setups entry -> fn(config) -> [Setup]
@@ -78,7 +95,8 @@ def mean_metric(values: Mapping[str, float], tasks: Sequence[str]) -> float | No
 
 
 def _multi(name: str, **overrides):
-    """A multi-task setup on every task; ``peft_lr=True`` sets optim.lr to compare.peft_lr."""
+    """A multi-task setup on every task, and its fine-tune kind ``<name>_ft``;
+    ``peft_lr=True`` sets optim.lr to compare.peft_lr."""
     peft_lr = overrides.pop("peft_lr", False)
 
     def make(config):
@@ -87,6 +105,21 @@ def _multi(name: str, **overrides):
             o["optim.lr"] = float(config.compare.peft_lr)
         return [Setup(name, _tasks(config), o)]
     SETUP_KINDS.register(name, make)
+    register_fine_tune(name)
+
+
+def register_fine_tune(source: str) -> None:
+    """Setup kind ``<source>_ft``: per task, exactly that task's single-task run (overrides,
+    budget, lr) started from the final params of the multi-task setup ``source``."""
+    def make(config):
+        origin = SETUP_KINDS.get(source)(config)
+        if len(origin) != 1:
+            raise UserError(f"{source}{FINE_TUNE}: {source} makes {len(origin)} runs; fine-tune "
+                            f"from a multi-task setup")
+        return [dataclasses.replace(s, name=f"{origin[0].name}{FINE_TUNE}_{s.tasks[0]}",
+                                    init_from=origin[0].name)
+                for s in SETUP_KINDS.get("single")(config)]
+    SETUP_KINDS.register(f"{source}{FINE_TUNE}", make)
 
 
 SETUP_KINDS.register("single", lambda config: [
@@ -97,6 +130,48 @@ _multi("soft", sharing__mode="soft", peft__kind="none", data__batch_mode="homoge
 _multi("prefix", sharing__mode="hard", peft__kind="prefix", peft_lr=True)
 _multi("adapters", sharing__mode="hard", peft__kind="adapter", peft_lr=True)
 _multi("lora", sharing__mode="hard", peft__kind="lora", peft_lr=True)
+
+
+
+
+def _meta_weights(config):
+    """Hard sharing with meta-learned task weights (``compare.meta_weights`` settings)."""
+    o = {"sharing.mode": "hard", "peft.kind": "none", "weighting.name": "meta"}
+    o.update({f"weighting.{k}": v for k, v in config.compare.meta_weights.items()})
+    return [Setup("meta_weights", _tasks(config), o)]
+
+
+SETUP_KINDS.register("meta_weights", _meta_weights)
+register_fine_tune("meta_weights")
+
+
+def _meta_trainer(name: str, algorithm: str, query_batches: int, **outer):
+    """A meta-learning setup (``train.algorithm``) on every task, and its ``<name>_ft``.
+
+    Its budget is the multi-task run's examples: an outer step reads tasks_per_step x
+    (inner_steps + query_batches) x inner_batch_size rows (``compare.meta``), so it takes
+    ceil(num_steps x batch_size / rows) outer steps, evaluated as often as the others.
+    """
+    def make(config):
+        m = config.compare.meta
+        rows = m.tasks_per_step * (m.inner_steps + query_batches) * m.inner_batch_size
+        steps = max(1, math.ceil(config.train.num_steps * config.train.batch_size / rows))
+        evals = max(1, config.train.num_steps // config.train.eval_every)
+        o = {"sharing.mode": "hard", "peft.kind": "none", "train.algorithm": algorithm,
+             "train.num_steps": steps, "train.eval_every": max(1, steps // evals),
+             "train.checkpoint_every": max(1, steps // evals)}
+        o.update({f"meta.{k}": v for k, v in m.items()})
+        o.update({k.replace("__", "."): v for k, v in outer.items()})
+        return [Setup(name, _tasks(config), o)]
+    SETUP_KINDS.register(name, make)
+    register_fine_tune(name)
+
+
+# Reptile's own outer rule: theta += eps (mean phi - theta), eps annealed linearly from 1 to 0
+# (Nichol et al. 2018); FOMAML's outer step is the protocol's AdamW on the mean query gradient.
+_meta_trainer("reptile", "reptile", 0, optim__name="sgd", optim__lr=1.0, optim__b1=0.0,
+              optim__weight_decay=0.0, optim__clip_norm=0.0, optim__warmup_fraction=0.0)
+_meta_trainer("fomaml", "fomaml", 1)
 
 
 def parse_sweep(spec: str, config) -> tuple[str, list]:
@@ -121,6 +196,11 @@ def plan(config, sweeps: Sequence[str] = ()) -> list[Setup]:
     if duplicated:
         raise UserError(f"setup {duplicated[0]!r} appears twice; list each setup and sweep value "
                         "once")
+    for i, s in enumerate(setups):  # the driver runs the plan in order: the source first
+        if s.init_from and s.init_from not in names[:i]:
+            raise UserError(f"setup {s.name} fine-tunes from {s.init_from}, which compare.setups "
+                            f"does not list before it; list {s.init_from} first, e.g. "
+                            f"compare.setups={s.init_from},{s.init_from}{FINE_TUNE}")
     return setups
 
 
@@ -156,10 +236,20 @@ def with_tasks(args: str, tasks: Sequence[str]) -> str:
     return ",".join(parts + ["tasks=" + "+".join(tasks)])
 
 
+def init_from_override(setup: Setup, runs_dir: str) -> dict:
+    """``model.init_from`` of a fine-tune setup: its source's run in ``runs_dir`` (latest
+    checkpoint, the end of its training); {} for other setups."""
+    if not setup.init_from:
+        return {}
+    return {INIT_FROM: f"{os.path.join(runs_dir, setup.init_from)}:latest"}
+
+
 def child_command(setup: Setup, config_file: str, args: str, run_dir: str,
                   user: Mapping[str, object]) -> list[str]:
-    """``python -m mtl_jax.main`` for one setup (its tasks through the config's ``tasks=`` arg)."""
-    overrides = merged_overrides(setup, user)
+    """``python -m mtl_jax.main`` for one setup (its tasks through the config's ``tasks=`` arg;
+    a fine-tune's source run lies beside ``run_dir``)."""
+    overrides = {**merged_overrides(setup, user),
+                 **init_from_override(setup, os.path.dirname(run_dir))}
     return [sys.executable, "-m", "mtl_jax.main",
             f"--config={config_file}:{with_tasks(args, setup.tasks)}", f"--workdir={run_dir}",
             *[f"--config.{k}={cli.format_value(v)}" for k, v in sorted(overrides.items())]]

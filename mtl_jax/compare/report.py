@@ -8,8 +8,8 @@ import os
 import shutil
 from typing import Mapping, Sequence
 
-from mtl_jax.compare.plan import (RUN_FACTS, RUNS_DIR, SINGLE_COMBINED, SINGLE_PREFIX,
-                                  mean_metric, read_json)
+from mtl_jax.compare.plan import (FINE_TUNE, RUN_FACTS, RUNS_DIR, SINGLE_COMBINED, SINGLE_PREFIX,
+                                  fine_tune_row, fine_tune_source, mean_metric, read_json)
 from mtl_jax.compare.plots import BAR_PLOT, CURVE_PLOT, PROGRESS_PLOT, plot_bars, plot_curves
 from mtl_jax.errors import UserError
 from mtl_jax.training.metrics_writer import read_metrics
@@ -109,11 +109,12 @@ def combine(name: str, runs: Sequence[RunSummary]) -> RunSummary:
 def collect_rows(workdir: str, metrics: Mapping[str, str],
                  order: Sequence[str] = ()) -> list[RunSummary]:
     """Every finished run under DIR/runs (``order`` first, then the rest by name), the combined
-    single-task row after the last single-task run, and the reference row last."""
+    single-task row after the last single-task run, a combined ``X → fine-tune`` row after the
+    last fine-tune run of each setup X, and the reference row last."""
     runs_dir = os.path.join(workdir, RUNS_DIR)
     found = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
     names = [n for n in order if n in found] + [n for n in found if n not in order]
-    rows, singles = [], []
+    rows, singles, fine_tunes = [], [], {}
     for name in names:
         run = load_run(os.path.join(runs_dir, name), name, metrics)
         if run is None:
@@ -121,9 +122,16 @@ def collect_rows(workdir: str, metrics: Mapping[str, str],
         rows.append(run)
         if name.startswith(SINGLE_PREFIX):
             singles.append(run)
+        elif fine_tune_source(name) is not None:
+            fine_tunes.setdefault(fine_tune_source(name), []).append(run)
     if len(singles) > 1:
         at = rows.index(singles[-1]) + 1
         rows.insert(at, combine(SINGLE_COMBINED, singles))
+    for source, runs in fine_tunes.items():  # even for one task: the row compared with X's
+        at = next(i for i, r in enumerate(rows) if r is runs[-1]) + 1
+        # No curves of its own: each fine-tune run already draws its task's line.
+        rows.insert(at, dataclasses.replace(combine(fine_tune_row(source), runs), curves={},
+                                            progress={}))
     reference = [load_run(os.path.join(workdir, REFERENCE_DIR, t), t, {t: m})
                  for t, m in metrics.items()]
     reference = [r for r in reference if r is not None]
@@ -192,7 +200,7 @@ def write_report(workdir: str, metrics: Mapping[str, str], order: Sequence[str] 
         "job's launches end to end (data loading, compiling, evaluation included); examples/s: "
         "median of the job's logged training throughput. "
         f"`{SINGLE_COMBINED}` takes each task from its own single-task run (parameters and time "
-        "summed).", "",
+        "summed)." + _fine_tune_legend(rows), "",
         table(rows, metrics, "final"), "",
         "## At the best evaluation (by the run's early-stopping metric)", "",
         table(rows, metrics, "best"), "",
@@ -211,6 +219,16 @@ def write_report(workdir: str, metrics: Mapping[str, str], order: Sequence[str] 
     with open(report_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return report_path
+
+
+def _fine_tune_legend(rows: Sequence[RunSummary]) -> str:
+    """The legend's sentence on ``X → fine-tune`` rows; none without them (a report without
+    fine-tunes stays as it was)."""
+    if not any(fine_tune_source(r.name) for r in rows):
+        return ""
+    return (f" `{fine_tune_row('X')}` takes each task from its run `X{FINE_TUNE}_<task>`: that "
+            "task's single-task run started from the final parameters of the multi-task setup X "
+            "(`model.init_from`); parameters and time summed, X's own wall time not included.")
 
 
 def _read_text(path: str) -> str | None:

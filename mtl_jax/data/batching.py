@@ -7,6 +7,7 @@ A batch source row is ``(task, feature_index)`` where ``task`` is any object wit
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -99,3 +100,25 @@ def make_stacked_batch(rows_per_task: Sequence[Sequence[tuple[object, int]]], pe
     length = bucket_length(longest, buckets)
     subs = [make_batch(rows, per_task, buckets, keys, length) for rows in rows_per_task]
     return {k: np.stack([s[k] for s in subs]) for k in subs[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+    """Meta-learning's batch layout [K, S', b, ...] (``train.algorithm`` reptile / fomaml): K
+    sampled tasks, each with S' consecutive sub-batches of b rows (global) of that task."""
+
+    tasks: int  # K
+    steps: int  # S'
+    rows: int  # b, over all hosts
+
+
+def make_episode_batch(rows_per_task: Sequence[Sequence[tuple[object, int]]], steps: int,
+                       rows: int, buckets: Sequence[int],
+                       keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """[K, S', b, ...]: row k holds ``rows_per_task[k]`` (S' * b rows of one task) in S'
+    sub-batches of b; one bucket length for the whole episode (its longest row)."""
+    longest = max(int(t.features.lengths[f]) for task_rows in rows_per_task for t, f in task_rows)
+    length = bucket_length(longest, buckets)
+    subs = [[make_batch(task_rows[s * rows:(s + 1) * rows], rows, buckets, keys, length)
+             for s in range(steps)] for task_rows in rows_per_task]
+    return {k: np.stack([np.stack([sub[k] for sub in row]) for row in subs]) for k in subs[0][0]}

@@ -18,8 +18,10 @@ class TaskStream:
     """An endless, per-epoch reshuffled walk over one task's (host-local) feature indices."""
 
     def __init__(self, num_features: int, task_index: int, seed: int, process_index: int,
-                 process_count: int):
-        self.shard = np.arange(num_features)[process_index::process_count]
+                 process_count: int, indices: np.ndarray | None = None):
+        # ``indices``: the features this stream may draw (default all; a held-out set excluded).
+        pool = np.arange(num_features) if indices is None else np.asarray(indices)
+        self.shard = pool[process_index::process_count]
         self.task_index, self.seed = task_index, seed
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, None
@@ -47,7 +49,10 @@ class TrainIterator:
     """``next(it) -> batch`` (dict of NumPy arrays, see docs/architecture.md)."""
 
     def __init__(self, tasks: list, batch_size: int, seed: int, data_config, keys: tuple[str, ...],
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, train_indices=None,
+                 heldout=None, episode: batching.Episode | None = None):
+        # train_indices: per task, the features it trains on (None: all); heldout: a
+        # data.heldout.HeldOutBatches whose ``meta/`` arrays join every batch.
         if batch_size % process_count:
             raise UserError(f"train batch size {batch_size} is not divisible by the "
                             f"{process_count} hosts")
@@ -68,10 +73,15 @@ class TrainIterator:
                                 f"fewer than the {process_count} hosts")
         self.sampler = build_sampler(data_config.sampler, [len(t.features) for t in tasks],
                                      data_config, self.seed)
+        train_indices = train_indices or [None] * len(tasks)
         self.streams = [TaskStream(len(t.features), t.index, self.seed, process_index,
-                                   process_count)
-                        for t in tasks]
+                                   process_count, indices=idx)
+                        for t, idx in zip(tasks, train_indices)]
+        self.heldout = heldout
         self.step = 0
+        self.episode = episode  # meta-learning's [K, S', b] layout (replaces data.batch_mode)
+        if episode is not None:
+            self.mode, self.episode_rows = "episode", _local_rows(episode, process_count)
 
     @property
     def rates(self) -> dict[str, float]:
@@ -83,6 +93,8 @@ class TrainIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         make = getattr(self, f"_{self.mode}")
         batch = make()
+        if self.heldout is not None:
+            batch.update(self.heldout.next())
         self.step += 1
         return batch
 
@@ -106,10 +118,26 @@ class TrainIterator:
         rows = [self._rows(t, per_task) for t in range(len(self.tasks))]
         return batching.make_stacked_batch(rows, per_task, self.buckets, self.keys)
 
+    def _episode(self):
+        """[K, S', b]: K tasks drawn i.i.d. by the sampler's rates (a pure function of (seed,
+        step)); row k holds its task's next S' * b examples, in stream order."""
+        ep, b = self.episode, self.episode_rows
+        rows = [self._rows(int(t), ep.steps * b) for t in self.sampler.tasks(self.step, ep.tasks)]
+        return batching.make_episode_batch(rows, ep.steps, b, self.buckets, self.keys)
+
+    def _episode_state(self) -> list[int] | None:
+        ep = self.episode
+        return None if ep is None else [ep.tasks, ep.steps, self.episode_rows]
+
     def get_state(self) -> dict:
-        return dict(step=self.step, seed=self.seed, batch_size=self.local_batch, mode=self.mode,
-                    tasks={t.name: dict(epoch=s.epoch, position=s.position)
-                           for t, s in zip(self.tasks, self.streams)})
+        state = dict(step=self.step, seed=self.seed, batch_size=self.local_batch, mode=self.mode,
+                     tasks={t.name: dict(epoch=s.epoch, position=s.position)
+                            for t, s in zip(self.tasks, self.streams)})
+        if self.heldout is not None:
+            state["heldout"] = self.heldout.get_state()
+        if self.episode is not None:
+            state["episode"] = self._episode_state()  # [K, S', b per host]
+        return state
 
     def set_state(self, state: dict) -> None:
         names = [t.name for t in self.tasks]
@@ -123,7 +151,27 @@ class TrainIterator:
                 raise UserError(f"the data iterator state has {key}={state[key]!r} but this run "
                                 f"has {mine!r}; resume with the same settings or start a new "
                                 f"workdir")
+        if state.get("episode", self._episode_state()) != self._episode_state():
+            raise UserError(f"the data iterator state has episodes [K, S', b]={state['episode']} "
+                            f"but this run has {self._episode_state()}; resume with the same "
+                            f"meta.* settings or start a new workdir")
         self.step = int(state["step"])
         for task, stream in zip(self.tasks, self.streams):
             stream.epoch = int(state["tasks"][task.name]["epoch"])
             stream.position = int(state["tasks"][task.name]["position"])
+        if self.heldout is not None:
+            if "heldout" not in state:
+                raise UserError("the data iterator state has no held-out stream, but this run "
+                                "draws held-out batches (weighting.name=meta); resume with the "
+                                "same weighting or start a new workdir")
+            self.heldout.set_state(state["heldout"])
+
+
+def _local_rows(episode: batching.Episode, process_count: int) -> int:
+    """This host's rows of each of the episode's sub-batches."""
+    if episode.rows % process_count or min(episode.tasks, episode.steps, episode.rows) < 1:
+        raise UserError(f"meta-learning episodes of {episode.tasks} tasks x {episode.steps} "
+                        f"steps x {episode.rows} rows: the rows (meta.inner_batch_size, or "
+                        f"train.batch_size) must be a multiple of the {process_count} hosts and "
+                        f"every count at least 1")
+    return episode.rows // process_count

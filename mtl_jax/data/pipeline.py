@@ -10,7 +10,9 @@ import numpy as np
 
 from mtl_jax.data import batching, readers
 from mtl_jax.data.features import Features, cache_path, tokenizer_fingerprint
+from mtl_jax.data.heldout import HeldOut, HeldOutBatches, heldout_examples, split_features
 from mtl_jax.data.iterator import TrainIterator
+from mtl_jax.data.kshot import k_shot
 from mtl_jax.errors import UserError
 from mtl_jax.tasks.definitions import dataset_info, definition_fingerprint, task_definitions
 from mtl_jax.tasks.spec import TaskSpec
@@ -30,6 +32,7 @@ class TaskData:
     buckets: tuple[int, ...]
     skipped_empty: int = 0
     from_cache: bool = False
+    notes: tuple[str, ...] = ()  # what the log should say about the split (k-shot subsets)
 
     @property
     def name(self) -> str:
@@ -70,16 +73,42 @@ class RunData:
 
     def train_iterator(self, batch_size: int | None = None, seed: int | None = None,
                        process_index: int | None = None,
-                       process_count: int | None = None) -> TrainIterator:
-        """``batch_size`` is global (default train.batch_size); each host builds its share."""
+                       process_count: int | None = None,
+                       heldout: HeldOut | None = None,
+                       episode: batching.Episode | None = None) -> TrainIterator:
+        """``batch_size`` is global (default train.batch_size); each host builds its share.
+        ``heldout``: also draw held-out batches (``meta/`` keys, see data/heldout.py);
+        ``episode``: meta-learning's [K, S', b] batches instead of data.batch_mode's."""
         if process_index is None or process_count is None:
             import jax
 
             process_index, process_count = jax.process_index(), jax.process_count()
         tasks = [self.split(s.name, "train") for s in self.specs]
         seed = self.config.data.shuffle_seed if seed is None else seed
+        train_indices, held = None, None
+        if heldout is not None:
+            train_indices, held = self._heldout(tasks, heldout, seed, process_index,
+                                                process_count)
         return TrainIterator(tasks, batch_size or self.config.train.batch_size, seed,
-                             self.config.data, self.keys, process_index, process_count)
+                             self.config.data, self.keys, process_index, process_count,
+                             train_indices=train_indices, heldout=held, episode=episode)
+
+    def _heldout(self, tasks, heldout: HeldOut, seed, process_index, process_count):
+        """(per-task train feature indices or None, the HeldOutBatches) of ``heldout``."""
+        heldout.check(len(tasks))
+        if heldout.split == "train":
+            pairs = [split_features(t, heldout_examples(t, heldout.fraction, seed))
+                     for t in tasks]
+            train_indices = [train for train, _ in pairs]
+            sources, indices = tasks, [held for _, held in pairs]
+        else:
+            train_indices = None
+            sources = [self.split(t.name, heldout.split) for t in tasks]
+            indices = [None] * len(tasks)
+        held = HeldOutBatches(sources, indices, heldout.batch_size, seed, tasks[0].buckets,
+                              self.keys, self.config.data.batch_mode == "stacked",
+                              process_index, process_count)
+        return train_indices, held
 
     def split(self, task: str, split: str = "validation") -> TaskData:
         if task not in self.data:
@@ -140,6 +169,8 @@ def build_data(config, tokenizer, splits=("train", "validation"), log=None,
                     f"{len(task_data.features)} features "
                     f"({'cached' if task_data.from_cache else 'tokenized'} "
                     f"in {time.perf_counter() - start:.1f}s)")
+                for note in task_data.notes:
+                    log(f"{spec.name}/{split}: {note}")
     return RunData(specs, data, config, keys)
 
 
@@ -205,6 +236,28 @@ def _limit(definition, split: str, config) -> int:
     return definition.max_eval_examples or config.eval.max_examples
 
 
+def kept_examples(definition, split: str, examples: list, config,
+                  label_names=()) -> tuple[list, list[str]]:
+    """(the examples a split keeps, notes): the k-shot subset of train when ``k_shot`` is set,
+    else the ``max_*_examples`` cap."""
+    if split == "train" and definition.k_shot:
+        return k_shot(examples, definition.k_shot, definition.k_shot_seed, label_names)
+    return subsample(examples, _limit(definition, split, config)), []
+
+
+def train_examples(config, name: str) -> list[dict]:
+    """The train examples a run of ``config`` trains task ``name`` on (read, parsed and subset as
+    build_data does; nothing tokenized). The label names are resolved from the train split alone:
+    the same as build_data's when the config or dataset_info.json names them."""
+    definition = task_definitions(config)[name]
+    task_type = TASK_TYPES.get(definition.type)
+    rows = {"train": readers.read_split(name, "train", definition)}
+    label_names = resolve_label_names(name, definition, task_type, rows)
+    examples, _ = parse_rows(name, definition, task_type, rows["train"], label_names,
+                             config.data.empty_text)
+    return kept_examples(definition, "train", examples, config, label_names)[0]
+
+
 def load_split(spec, definition, split, rows, tokenizer, fingerprint, config, keys,
                buckets) -> TaskData:
     task_type = TASK_TYPES.get(spec.type)
@@ -213,7 +266,7 @@ def load_split(spec, definition, split, rows, tokenizer, fingerprint, config, ke
     if not examples:
         raise UserError(f"tasks.{spec.name}.data.{split} has no usable examples ({skipped} empty); "
                         f"check the file")
-    examples = subsample(examples, _limit(definition, split, config))
+    examples, notes = kept_examples(definition, split, examples, config, spec.label_names)
     key = dict(tokenizer=fingerprint, task=definition_fingerprint(definition), split=split,
                limit=_limit(definition, split, config), label_names=list(spec.label_names),
                empty_text=config.data.empty_text,
@@ -225,7 +278,7 @@ def load_split(spec, definition, split, rows, tokenizer, fingerprint, config, ke
             features, meta = Features.load(path)
             if meta.get("num_examples") == len(examples):
                 return TaskData(spec, definition, split, examples, features, keys, buckets,
-                                skipped, True)
+                                skipped, True, tuple(notes))
         except (OSError, ValueError, KeyError):  # a corrupt cache entry is rebuilt
             pass
     features = Features(task_type.tokenize(examples, tokenizer, definition, config.data,
@@ -234,7 +287,8 @@ def load_split(spec, definition, split, rows, tokenizer, fingerprint, config, ke
         features.save(path, dict(num_examples=len(examples), task=spec.name, split=split))
     except OSError:  # a read-only cache dir only costs speed
         pass
-    return TaskData(spec, definition, split, examples, features, keys, buckets, skipped, False)
+    return TaskData(spec, definition, split, examples, features, keys, buckets, skipped, False,
+                    tuple(notes))
 
 
 def label_counts(task_data: TaskData) -> collections.Counter:

@@ -30,6 +30,10 @@ COMMON_FIELDS: dict[str, Any] = dict(
     metrics=(),  # empty: the type's default metrics
     max_length=128,
     max_train_examples=0,  # 0 = all; else a deterministic random subset (seed 0)
+    # k-shot training (mtl_jax/data/kshot.py): k train examples per class for classification, k
+    # in all for the other types, picked by k_shot_seed; 0 = off. Replaces max_train_examples.
+    k_shot=0,
+    k_shot_seed=0,
     max_eval_examples=0,  # 0 = all (or eval.max_examples when that is set)
     file_format="auto",  # auto (from the suffix) | jsonl | json | csv | tsv | conll
 )
@@ -72,7 +76,18 @@ def normalize(name: str, definition) -> ml_collections.ConfigDict:
     if not definition.data:
         raise UserError(f"tasks.{name}.data is empty; set e.g. tasks.{name}.data.train=PATH "
                         f"(or use mtl_jax.tasks.presets.local_task/hub_task)")
+    _check_k_shot(name, definition)
     return definition
+
+
+def _check_k_shot(name: str, definition) -> None:
+    if definition.k_shot < 0 or definition.k_shot_seed < 0:
+        raise UserError(f"tasks.{name}.k_shot={definition.k_shot} and k_shot_seed="
+                        f"{definition.k_shot_seed} must be >= 0 (k_shot 0 = all examples)")
+    if definition.k_shot and definition.max_train_examples:
+        raise UserError(f"tasks.{name} sets both k_shot={definition.k_shot} and "
+                        f"max_train_examples={definition.max_train_examples}; k_shot replaces "
+                        f"max_train_examples: set one of them to 0")
 
 
 def task_definitions(config) -> dict[str, ml_collections.ConfigDict]:

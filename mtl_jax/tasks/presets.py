@@ -1,4 +1,5 @@
-"""Presets for common tasks (all of GLUE, CoNLL-2003, SQuAD v1.1): hub names and label orders.
+"""Presets for common tasks (GLUE, CoNLL-2003, SQuAD v1.1; CB, SICK, TREC, NCBI-disease): hub
+names and label orders.
 
 ``hub_task("rte")`` reads the hub dataset; ``local_task("rte", "../shared/data")`` reads the same
 task from ``DATA_DIR/rte/{train,validation,test}.jsonl`` (or from DATA_DIR itself when the files
@@ -50,6 +51,27 @@ PRESETS: dict[str, dict] = {
                   data=dict(train="train", validation="validation"),
                   text_fields=("question", "context"), label_field="answers", metrics=("squad",),
                   max_length=384, doc_stride=128),
+    # The few-shot transfer tasks (configs/transfer.py); fields and label orders as in each
+    # ../shared/data/<name>/dataset_info.json (the same as the hub datasets').
+    "cb": dict(type="sequence_classification", hub="super_glue", hub_config="cb",
+               data=dict(train="train", validation="validation"),
+               text_fields=("premise", "hypothesis"), label_names=("entailment", "contradiction",
+                                                                   "neutral"),
+               metrics=("accuracy", "f1_macro"), max_length=256),
+    "sick": dict(type="sequence_classification", hub="sick",
+                 data=dict(train="train", validation="validation", test="test"),
+                 text_fields=("sentence_A", "sentence_B"), label_names=_NLI3,
+                 metrics=("accuracy",), max_length=128),
+    # TREC question classification, the 6 coarse classes; it has no validation split.
+    "trec": dict(type="sequence_classification", hub="trec", data=dict(train="train", test="test"),
+                 text_fields=("text",), label_field="coarse_label",
+                 label_names=("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"),
+                 metrics=("accuracy",), max_length=128),
+    "ncbi_disease": dict(type="token_classification", hub="ncbi_disease",
+                         data=dict(train="train", validation="validation", test="test"),
+                         text_fields=("tokens",), label_field="ner_tags",
+                         label_names=("O", "B-Disease", "I-Disease"), metrics=("seqeval",),
+                         max_length=128),
 }
 # The hub's GLUE "ax" split is test-only (unlabelled); keep it out of the hub preset's training
 # data.

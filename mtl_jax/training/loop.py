@@ -28,6 +28,8 @@ import jax
 from mtl_jax.checkpoints.manager import CheckpointManager
 from mtl_jax.errors import RunStopped, UserError
 from mtl_jax.training import evaluate_loop, flops
+from mtl_jax.training import trainers as trainers_lib
+from mtl_jax.training import weighting as weighting_lib
 from mtl_jax.training import workdir as workdir_lib
 from mtl_jax.training.early_stopping import EarlyStopping, select_metric
 from mtl_jax.training.metrics_window import DeviceWindow, HostWindow
@@ -80,7 +82,9 @@ def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
     ckpt = CheckpointManager.from_config(workdir, config)
     if ckpt.all_steps():  # a resume: refused before anything is read or written if settings differ
         workdir_lib.check_resume_config(workdir, run.config_json)
-    it = run.data.train_iterator(t.batch_size, config.data.shuffle_seed)
+    it = run.data.train_iterator(t.batch_size, config.data.shuffle_seed,
+                                 heldout=weighting_lib.heldout_of(config),
+                                 episode=trainers_lib.get(config).episode(config))
     progress = Progress(EarlyStopping.from_config(config))
 
     restored = run.restore(ckpt)

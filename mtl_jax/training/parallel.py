@@ -1,8 +1,10 @@
 """Parallel strategies (``parallel.mode``, a registry): how a run is laid out over devices.
 
 A strategy owns everything that depends on the mode: where the TrainState lives, how a host
-batch reaches the devices, how the step bodies of ``training/step.py`` are compiled, and what a
-checkpoint holds. ``build(model, config, mesh, abstract_state)`` returns one; its methods:
+batch reaches the devices, how the step bodies are compiled (the train step is
+``trainers.get(config).make_step``, ``train.algorithm``; the eval step ``training/step.py``'s),
+and what a checkpoint holds. ``build(model, config, mesh, abstract_state)`` returns one; its
+methods:
 
   init_state(params)        the initial TrainState, placed
   restore_shardings()       target shardings for restoring a checkpoint onto this layout
@@ -39,6 +41,7 @@ from mtl_jax.registry import Registry
 from mtl_jax.training import sharding as sharding_lib
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
+from mtl_jax.training import trainers as trainers_lib
 
 PARALLEL: Registry[type] = Registry("parallel.mode")
 
@@ -75,7 +78,7 @@ class JitStrategy(_Strategy):
         self.state_shardings = sharding_lib.state_shardings(abstract_state, self.param_specs,
                                                             mesh)
         self.replicated = NamedSharding(mesh, P())
-        self.stacked = config.data.batch_mode == "stacked"
+        self.example_axis = trainers_lib.example_axis(config)  # flat 0, stacked 1, episodes 2
 
     def init_state(self, params):
         return jax.jit(self._new_state, out_shardings=self.state_shardings)(params)
@@ -84,37 +87,40 @@ class JitStrategy(_Strategy):
         return self.state_shardings
 
     def place_batch(self, host_batch: dict) -> dict:
-        if step_lib.is_stacked(host_batch) and not self.stacked:
-            # The compiled step's batch sharding follows data.batch_mode (the task axis first
-            # when stacked), so a stacked batch in another mode would be laid out wrongly.
-            raise UserError("a stacked batch ([T, B//T, ...]) reached a run whose "
-                            f"data.batch_mode={self.config.data.batch_mode}; set "
-                            "data.batch_mode=stacked")
+        axis = sharding_lib.example_axis(host_batch)
+        if axis and axis != self.example_axis:  # flat batches (evaluation) fit every run
+            # The compiled step's batch sharding follows the run's layout (data.batch_mode,
+            # train.algorithm), so a batch of another layout would be laid out wrongly.
+            what, fix = _LAYOUTS[axis]
+            raise UserError(f"{what} reached a run whose data.batch_mode="
+                            f"{self.config.data.batch_mode}, train.algorithm="
+                            f"{self.config.train.algorithm}; set {fix}")
         return sharding_lib.shard_batch(host_batch, self.mesh)
 
     def place_rng(self, key):
         return jax.device_put(key, self.replicated)
 
-    def _batch_sharding(self, stacked: bool) -> NamedSharding:
+    def _batch_sharding(self, axis: int) -> NamedSharding:
         # One sharding for every key (a tree prefix of the batch dict): the example axis over
-        # ("data", "fsdp"), any further axes replicated.
-        return NamedSharding(self.mesh, sharding_lib.batch_spec(1 + stacked, stacked))
+        # ("data", "fsdp"), the axes before and after it replicated.
+        return NamedSharding(self.mesh, sharding_lib.batch_spec(1 + axis, axis))
 
     @functools.cached_property
     def train_step(self):
         trainable = step_lib.Split.of(self.abstract_state.params,
                                       self.optimizer.trainable_mask())
         gram_fn = sharding_lib.sharded_gram_fn(self.mesh, trainable.take(self.param_specs))
-        body = step_lib.make_train_step(self.model, self.config, gram_fn=gram_fn)
+        body = trainers_lib.get(self.config).make_step(self.model, self.config, gram_fn=gram_fn)
         return jax.jit(body, donate_argnums=0,
-                       in_shardings=(self.state_shardings, self._batch_sharding(self.stacked),
+                       in_shardings=(self.state_shardings,
+                                     self._batch_sharding(self.example_axis),
                                      self.replicated),
                        out_shardings=(self.state_shardings, self.replicated))
 
     @functools.cached_property
     def eval_step(self):
         return jax.jit(step_lib.make_eval_step(self.model),
-                       in_shardings=(self.state_shardings, self._batch_sharding(False)))
+                       in_shardings=(self.state_shardings, self._batch_sharding(0)))
 
 
 @PARALLEL.register("pmap")
@@ -151,8 +157,8 @@ class PmapStrategy(_Strategy):
 
     @functools.cached_property
     def train_step(self):
-        body = step_lib.make_train_step(self.model, self.config,
-                                        reducer=step_lib.Reducer(self.AXIS))
+        body = trainers_lib.get(self.config).make_step(self.model, self.config,
+                                                       reducer=step_lib.Reducer(self.AXIS))
         # No ``devices=``: pmap's default mesh spans every process's devices, so the psum is
         # global on several hosts too (a per-process device list would make it host-local).
         pstep = jax.pmap(body, axis_name=self.AXIS, in_axes=(0, 0, None), donate_argnums=0)
@@ -174,17 +180,23 @@ class PmapStrategy(_Strategy):
         return eval_step
 
 
+# example axis -> (what such a batch is, the setting that lays a run out for it)
+_LAYOUTS = {1: ("a stacked batch ([T, B//T, ...])", "data.batch_mode=stacked"),
+            2: ("a meta-learning episode batch ([K, S', b, ...])",
+                "train.algorithm=reptile or fomaml")}
+
+
 def split_batch(batch: dict, num_devices: int) -> dict:
-    """[B, ...] -> [D, B/D, ...] (stacked [T, b, ...] -> [D, T, b/D, ...]) on the host."""
-    stacked = step_lib.is_stacked(batch)
+    """[B, ...] -> [D, B/D, ...] on the host; the example axis is ``sharding.example_axis``
+    (stacked [T, b, ...] -> [D, T, b/D, ...], episodes [K, S', b, ...] -> [D, K, S', b/D, ...])."""
+    axis = sharding_lib.example_axis(batch)
     out = {}
     for key, x in batch.items():
         x = np.asarray(x)
-        axis = 1 if stacked else 0
         if x.shape[axis] % num_devices:
             raise UserError(f"batch key {key!r} has {x.shape[axis]} rows, not divisible by the "
                             f"{num_devices} local devices; make the batch size a multiple of it")
         x = x.reshape(x.shape[:axis] + (num_devices, x.shape[axis] // num_devices)
                       + x.shape[axis + 1:])
-        out[key] = np.moveaxis(x, axis, 0) if stacked else x
+        out[key] = np.moveaxis(x, axis, 0) if axis else x
     return out

@@ -5,7 +5,8 @@ Modes (a registry):
            checkpoint on its own (on any device count: the state is restored onto this run's
            mesh). The config and every task split are checked before anything is compiled, and
            the workdir is locked for the run. SIGTERM/SIGINT save a checkpoint and exit 75;
-           rerun the same command to resume.
+           rerun the same command to resume. A fresh start with ``model.init_from`` takes its
+           params from another run's checkpoint (checkpoints/init_from.py; a resume ignores it).
   eval     evaluates the ``eval.checkpoint`` (best | latest) checkpoint on every task's
            validation split and prints the results table.
   predict  reads JSONL records in the task's own field names (--input=FILE, or - for stdin)
@@ -29,6 +30,7 @@ from absl import logging as absl_logging
 import jax
 import numpy as np
 
+from mtl_jax.checkpoints import init_from as init_from_lib
 from mtl_jax.checkpoints.manager import CheckpointManager, config_to_json
 from mtl_jax.errors import UserError
 from mtl_jax.registry import Registry
@@ -51,6 +53,7 @@ class Run:
     model: object  # MultiTaskModel
     mesh: jax.sharding.Mesh
     tokenizer: object
+    pending_params: object = None  # train mode's checked model.init_from params, for init_state
 
     @functools.cached_property
     def abstract_state(self):
@@ -91,9 +94,16 @@ class Run:
         return record
 
     # --- state ---------------------------------------------------------------------------
+    def initial_params(self):
+        """Fresh parameters: pretrained encoder (unless model.random_init), new heads; with
+        ``model.init_from``, another run's checkpoint mapped onto them (mismatches: UserError)."""
+        return init_from_lib.initial_params(self.model, self.config,
+                                            jax.random.key(self.config.seed), log=log_line)
+
     def init_state(self):
-        """A fresh TrainState: pretrained encoder (unless model.random_init), new heads."""
-        return self.strategy.init_state(self.model.init_params(jax.random.key(self.config.seed)))
+        """A fresh TrainState from ``initial_params`` (those train mode checked, if any)."""
+        params, self.pending_params = self.pending_params, None
+        return self.strategy.init_state(self.initial_params() if params is None else params)
 
     def restore(self, ckpt: CheckpointManager, step: int | None = None):
         """The latest readable checkpoint (or ``step``) onto this run's devices; None if none."""
@@ -171,11 +181,21 @@ def train_mode(config, workdir, task=None, input_path="-"):
         try:
             run = build_run(config, log=log_line)  # reads and tokenizes every split
             validate.check_run(run)
+            if config.model.init_from and not _has_checkpoint(workdir):  # a resume ignores it
+                run.pending_params = run.initial_params()  # checked before anything compiles
         except UserError:
             if created:  # a run that fails validation leaves nothing behind
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
         return loop.train(run, workdir)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    ckpt = CheckpointManager(workdir, read_only=True)
+    try:
+        return bool(ckpt.all_steps())
+    finally:
+        ckpt.close()
 
 
 def restore_for_eval(run: Run, workdir: str):

@@ -20,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mtl_jax.errors import UserError
 from mtl_jax.registry import Registry
 from mtl_jax.training import weighting as weighting_lib
-from mtl_jax.training.step import is_stacked
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -115,19 +114,27 @@ def state_shardings(state, param_specs, mesh: Mesh):
 
 # --- batches -----------------------------------------------------------------------------------
 
-def batch_spec(ndim: int, stacked: bool) -> P:
-    lead = (None,) if stacked else ()
-    return P(*lead, BATCH_AXES, *([None] * (ndim - len(lead) - 1)))
+def example_axis(batch) -> int:
+    """The axis that counts a batch's examples, ``task_id.ndim - 1``: flat [B] 0, stacked
+    [T, b] 1, meta-learning episodes [K, S', b] 2. The axes before it are replicated."""
+    return np.ndim(batch["task_id"]) - 1
 
 
-def shard_batch(batch: dict, mesh: Mesh, stacked: bool | None = None) -> dict:
-    """Host-local NumPy batch -> global jax.Arrays split over ("data", "fsdp").
+def batch_spec(ndim: int, axis: int) -> P:
+    """The example axis ``axis`` over ("data", "fsdp"), every other axis replicated (a bool
+    ``axis`` is the stacked flag: True = 1)."""
+    axis = int(axis)
+    return P(*([None] * axis), BATCH_AXES, *([None] * (ndim - axis - 1)))
+
+
+def shard_batch(batch: dict, mesh: Mesh, axis: int | None = None) -> dict:
+    """Host-local NumPy batch -> global jax.Arrays, the example axis (``example_axis``) split
+    over ("data", "fsdp").
 
     Each process passes its own slice of the global batch (its rows, in process order);
     ``jax.make_array_from_process_local_data`` assembles the global array without a gather.
     """
-    stacked = is_stacked(batch) if stacked is None else stacked
-    axis = 1 if stacked else 0
+    axis = example_axis(batch) if axis is None else int(axis)
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     out = {}
     for key, x in batch.items():
@@ -137,8 +144,9 @@ def shard_batch(batch: dict, mesh: Mesh, stacked: bool | None = None) -> dict:
         if global_shape[axis] % n:
             raise UserError(f"batch key {key!r} has {global_shape[axis]} rows, not divisible by "
                             f"the {n} data x fsdp devices; make train.batch_size (per task for "
-                            f"stacked batches) a multiple of {n}")
-        sharding = NamedSharding(mesh, batch_spec(x.ndim, stacked))
+                            f"stacked batches; meta.inner_batch_size for meta-learning "
+                            f"episodes) a multiple of {n}")
+        sharding = NamedSharding(mesh, batch_spec(x.ndim, axis))
         out[key] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
     return out
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtl_jax.data import heldout as heldout_lib
 from mtl_jax.errors import UserError
 from mtl_jax.models import param_groups
 from mtl_jax.registry import Registry
@@ -221,6 +222,51 @@ def per_task_grads(loss_fn, reducer, params, split, batch, rng, impl: str) -> Ta
     return TaskGradients(reducer.sum(g), losses, counts, reducer.mean(penalty[0]))
 
 
+class MetaLookahead(NamedTuple):
+    """What the meta weighting's look-ahead gives the step (see ``meta_lookahead``)."""
+
+    d_meta_d_weights: jax.Array  # [T]: dM/dw_t, M the held-out loss after the virtual step
+    heldout_loss: jax.Array  # M at the virtual parameters
+    grad_of: Callable  # weights [T] -> grad of sum_t w_t L_t + penalty (global, trainable)
+    glob: GlobalLosses  # the train batch's global per-task losses
+    penalty: jax.Array
+
+
+def meta_lookahead(forward, held_forward, leaves, weights, virtual_lr,
+                   reducer: Reducer = Reducer()) -> MetaLookahead:
+    """d M / d w for M(w) = L_held(theta - lr grad_theta [sum_t w_t L_t(theta) + P(theta)]).
+
+    Why it costs one jvp and not second derivatives: theta'(w) is linear in w with
+    d theta' / d w_t = -lr grad L_t(theta), so dM/dw_t = -lr <grad M(theta'), grad L_t(theta)>,
+    and <v, grad L_t(theta)> for every t at once is the forward-mode derivative of the train
+    losses in the direction v = grad M(theta'). ``jax.linearize`` runs the train forward once;
+    its jvp gives those T numbers and its transpose every weighted gradient (the virtual step's
+    and, in the step, the real one with the updated weights) without another forward.
+
+    ``forward(leaves)`` / ``held_forward(leaves)`` -> ``TaskLosses`` on the train / held-out
+    batch; on shards, ``reducer`` makes losses, gradients and products global.
+    """
+    out, jvp_fn = jax.linearize(forward, leaves)
+    vjp_fn = jax.linear_transpose(jvp_fn, leaves)
+    glob = reducer.global_losses(out.losses, out.counts, out.denominators)
+    zeros = jnp.zeros_like(out.losses)
+
+    def grad_of(task_weights):
+        cotangent = TaskLosses(task_weights * glob.cotangent_scale, zeros, zeros,
+                               reducer.penalty_cotangent())
+        return reducer.sum(vjp_fn(cotangent)[0])
+
+    virtual = [x - virtual_lr * g for x, g in zip(leaves, grad_of(weights))]
+    held, held_vjp = jax.vjp(held_forward, virtual)
+    held_glob = reducer.global_losses(held.losses, held.counts, held.denominators)
+    held_zeros = jnp.zeros_like(held.losses)
+    direction = reducer.sum(held_vjp(TaskLosses(held_glob.cotangent_scale, held_zeros,
+                                                held_zeros, jnp.zeros([], jnp.float32)))[0])
+    directional = reducer.sum(jvp_fn(direction).losses * glob.cotangent_scale)
+    return MetaLookahead(-virtual_lr * directional, jnp.sum(held_glob.losses), grad_of, glob,
+                         reducer.mean(out.penalty))
+
+
 def _leaf_masks(params, labels, split, config, weighting):
     """(shared, last-shared-layer) bool per trainable leaf, for surgery and GradNorm."""
     w = config.weighting
@@ -269,14 +315,8 @@ def make_train_step(model, config, reducer: Reducer = Reducer(), gram_fn=None):
     names = task_names(model)
     loss_fn = make_loss_fn(model)
     skip_bad = config.train.nan_policy == "skip"
-    if weighting.uses_task_grads:
-        grads_fn = _task_grads_step(model, config, weighting, loss_fn, reducer, gram_fn, names)
-    else:
-        combine_losses = weighting.make_combine_losses(config, names)
-
-        def grads_fn(state, split, batch, rng) -> StepGrads:
-            return weighted_loss_grads(loss_fn, combine_losses, reducer, state.params, split,
-                                       batch, rng, state.weighting_state)
+    make_grads_fn = _GRADS_FNS[type(weighting)]  # the weighting's kind picks the gradient path
+    grads_fn = make_grads_fn(model, config, weighting, loss_fn, reducer, gram_fn, names)
 
     def train_step(state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
@@ -301,6 +341,70 @@ def make_train_step(model, config, reducer: Reducer = Reducer(), gram_fn=None):
     return train_step
 
 
+def _loss_weighting_step(model, config, weighting, loss_fn, reducer, gram_fn, names):
+    """Loss weightings: one backward with the weighting's cotangent."""
+    del model, gram_fn
+    combine_losses = weighting.make_combine_losses(config, names)
+
+    def grads_fn(state, split, batch, rng) -> StepGrads:
+        return weighted_loss_grads(loss_fn, combine_losses, reducer, state.params, split,
+                                   batch, rng, state.weighting_state)
+    return grads_fn
+
+
+def _meta_weighting_step(model, config, weighting, loss_fn, reducer, gram_fn, names):
+    """Meta-learned weights: update them by ``meta_lookahead`` on the batch's held-out rows,
+    then take the gradient of the train loss under the updated weights."""
+    del model, gram_fn, names
+    update = weighting.make_update(config)
+    fixed_lr = float(config.weighting.meta_virtual_lr)
+    every = int(config.weighting.meta_every)
+
+    def fixed_weights(state, split, batch, rng) -> StepGrads:
+        """A step between weight updates: the plain weighted loss, held-out rows unused."""
+        train, _ = heldout_lib.split_prefixed(batch)
+        weights = weighting.weights(state.weighting_state)
+        combine = lambda losses, counts, wstate, key: weighting_lib.WeightedLoss(  # noqa: E731
+            jnp.sum(jax.lax.stop_gradient(weights) * losses), wstate, weights)
+        return weighted_loss_grads(loss_fn, combine, reducer, state.params, split, train, rng,
+                                   state.weighting_state)
+
+    def grads_fn(state, split, batch, rng) -> StepGrads:
+        if every == 1:
+            return updating(state, split, batch, rng)
+        # lax.cond runs one branch: the look-ahead's cost is paid every ``every`` steps only.
+        return jax.lax.cond(state.step % every == 0,
+                            lambda: updating(state, split, batch, rng),
+                            lambda: fixed_weights(state, split, batch, rng))
+
+    def updating(state, split, batch, rng) -> StepGrads:
+        train, held = heldout_lib.split_prefixed(batch)
+        if not held:
+            raise UserError(f"weighting.name={config.weighting.name} needs held-out rows in the "
+                            f"batch ({heldout_lib.PREFIX}* keys); build the iterator with "
+                            f"heldout=weighting.heldout_of(config)")
+        homogeneous = None
+        if is_stacked(train):
+            train, homogeneous = unstack(train), False
+        held = unstack(held) if is_stacked(held) else held
+        held_rng = jax.random.fold_in(rng, 0x4E1D)
+        forward = lambda ls: loss_fn(split.merge(state.params, ls), train, rng,  # noqa: E731
+                                     homogeneous)
+        held_forward = lambda ls: loss_fn(split.merge(state.params, ls), held,  # noqa: E731
+                                          held_rng, False)
+        optimizer = state.optimizer
+        virtual_lr = (fixed_lr if fixed_lr > 0 else  # 0: the optimizer's lr of this step
+                      jnp.asarray(optimizer.learning_rates(state.step)[optimizer.main_group]))
+        look = meta_lookahead(forward, held_forward, split.take(state.params),
+                              weighting.weights(state.weighting_state), virtual_lr, reducer)
+        new_state = update(state.weighting_state, look.d_meta_d_weights, look.glob.counts > 0)
+        weights = weighting.weights(new_state)
+        total = jnp.sum(weights * look.glob.losses) + look.penalty
+        return StepGrads(look.grad_of(weights), look.glob.losses, look.glob.counts, total,
+                         look.penalty, new_state, weights)
+    return grads_fn
+
+
 def _task_grads_step(model, config, weighting, loss_fn, reducer, gram_fn, names):
     """Gradient weightings: per-task gradients, then ``combine_grads`` mixes them."""
     combine_grads = weighting.make_combine_grads(config, names)
@@ -318,6 +422,12 @@ def _task_grads_step(model, config, weighting, loss_fn, reducer, gram_fn, names)
         return StepGrads(mixed.grads, tg.losses, tg.counts, jnp.sum(tg.losses) + tg.penalty,
                          tg.penalty, mixed.state, mixed.weights)
     return grads_fn
+
+
+# weighting kind -> the step's gradient path (the one dispatch on the weighting's kind)
+_GRADS_FNS = {weighting_lib.LossWeighting: _loss_weighting_step,
+              weighting_lib.GradientWeighting: _task_grads_step,
+              weighting_lib.MetaWeighting: _meta_weighting_step}
 
 
 def _metrics(state, names, out: StepGrads, grad_norm, finite):

@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 
 from mtl_jax.errors import UserError
 from mtl_jax.models.layers import FAMILY_TRAITS
+from mtl_jax.training import trainers as trainers_lib
+from mtl_jax.training import weighting as weighting_lib
 
 # --- the config alone --------------------------------------------------------------------------
 
@@ -21,7 +23,7 @@ def _choices() -> dict[str, Callable[[], Iterable[str]]]:
     lambdas, evaluated only for the keys a config sets to a bad value."""
     from mtl_jax.data import batching, samplers
     from mtl_jax.models import encoder_config, heads, peft_layers, sharing, soft_sharing
-    from mtl_jax.training import optim, parallel, sharding, step, weighting
+    from mtl_jax.training import meta_learning, optim, parallel, sharding, step, trainers, weighting
 
     return {
         "model.family": lambda: ("auto", "bert", "t5", "t5_v1_1"),
@@ -42,6 +44,8 @@ def _choices() -> dict[str, Callable[[], Iterable[str]]]:
         "parallel.mode": parallel.PARALLEL.names,
         "parallel.rules": sharding.RULES.names,
         "train.nan_policy": lambda: step.NAN_POLICIES,
+        "train.algorithm": trainers.TRAINERS.names,
+        "meta.inner_optimizer": meta_learning.INNER_OPTIMIZERS.names,
         "train.early_stopping_mode": lambda: ("max", "min"),
         "eval.checkpoint": lambda: ("best", "latest"),
     }
@@ -59,6 +63,7 @@ POSITIVE = {
     "checkpoint.save_timeout_s": "seconds a save may take",
     "optim.accumulate_steps": "micro-batches per update",
     "weighting.cagrad_steps": "CAGrad dual steps",
+    "weighting.meta_every": "steps between meta-weight updates",
     "peft.prefix_length": "prefix positions",
     "peft.prefix_hidden": "prefix MLP width",
     "peft.adapter_size": "adapter width",
@@ -67,7 +72,8 @@ POSITIVE = {
 }
 NON_NEGATIVE = ("optim.lr", "optim.clip_norm", "optim.weight_decay", "data.size_cap",
                 "eval.max_examples", "train.early_stopping_patience", "sharing.soft_lambda",
-                "train.early_stopping_min_delta")
+                "train.early_stopping_min_delta", "weighting.meta_lr", "weighting.meta_virtual_lr",
+                "weighting.meta_batch_size")
 FRACTIONS = ("optim.warmup_fraction", "heads.dropout", "peft.lora_dropout")  # in [0, 1]
 
 
@@ -96,6 +102,10 @@ def check_config(config) -> None:
             raise UserError(f"{key}={value!r} must be between 0 and 1")
     batching.check_buckets(config.data.buckets)
     _check_batch_layout(config)
+    trainers_lib.get(config).check_config(config)
+    heldout = weighting_lib.heldout_of(config)
+    if heldout is not None:
+        heldout.check(len(config.tasks))
 
 
 def _check_batch_layout(config) -> None:

@@ -1,6 +1,6 @@
 """Task-loss weighting and gradient surgery: pure functions over a small state.
 
-Two kinds of registry entry, each with its own combine protocol:
+Three kinds of registry entry, each with its own protocol:
 
 * ``LossWeighting`` (equal, static, uncertainty, dwa): ``make_combine_losses(config, names)``
   gives ``combine_losses(losses[T], counts[T], state, rng) -> WeightedLoss(total, state,
@@ -14,6 +14,11 @@ Two kinds of registry entry, each with its own combine protocol:
   sum of the T gradients. ``uses_layer_grads`` marks the entries that read the last shared
   layer's gradients (GradNorm), which the step then requires to select a parameter.
 
+* ``MetaWeighting`` (meta) learns the weights from held-out batches of the train data: the step
+  differentiates the held-out loss after a virtual SGD step on the weighted train loss with
+  respect to the weights (``step.meta_weighted_grads``); the entry owns the weights' form and
+  their update.
+
 ``total`` uses the *sum* of task losses (equal weighting = sum_t L_t, all weights 1), so every
 method's weights are comparable; ``weights`` are what the step logs as ``train/weight/<task>``.
 State is a dict of float32 arrays (checkpointed with the TrainState).
@@ -26,6 +31,7 @@ from typing import Any, Callable, NamedTuple, Protocol, Union
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.data.heldout import HeldOut
 from mtl_jax.errors import UserError
 from mtl_jax.registry import Registry
 
@@ -67,7 +73,25 @@ class GradientWeighting:
     uses_task_grads = True
 
 
-Weighting = Union[LossWeighting, GradientWeighting]
+@dataclasses.dataclass(frozen=True)
+class MetaWeighting:
+    """Task weights learned from held-out data by a look-ahead (see ``_meta_*`` below).
+
+    The step (``step.meta_weighted_grads``) computes ``d M / d w``, M the held-out loss after
+    one virtual SGD step on the weighted train loss, and ``make_update(config)(state, dM_dw,
+    present)`` moves the weights' parameters; ``heldout(config)`` says where the held-out
+    batches come from (``data.heldout.HeldOut``: the loop asks the iterator for them).
+    """
+
+    init: Callable[[int, Any], dict]
+    weights: Callable[[dict], jax.Array]  # state -> [T] weights of this step
+    make_update: Callable[[Any], Callable]  # config -> update(state, dM_dw, present) -> state
+    heldout: Callable[[Any], HeldOut]
+    uses_task_grads = False
+    uses_layer_grads = False
+
+
+Weighting = Union[LossWeighting, GradientWeighting, MetaWeighting]
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting")
 
@@ -361,6 +385,56 @@ WEIGHTINGS.register("pcgrad", GradientWeighting(_no_state, _pcgrad_combine))
 WEIGHTINGS.register("cagrad", GradientWeighting(_no_state, _cagrad_combine))
 WEIGHTINGS.register("gradnorm", GradientWeighting(_gradnorm_init, _gradnorm_combine,
                                                   uses_layer_grads=True))
+
+
+# --- meta-learned weights ----------------------------------------------------------------------
+
+def _meta_init(num_tasks, config):
+    del config
+    zeros = jnp.zeros([num_tasks], jnp.float32)
+    return {"logits": zeros, "adam_m": zeros, "adam_v": zeros,
+            "count": jnp.zeros([], jnp.float32)}
+
+
+def meta_weights(state) -> jax.Array:
+    """w = T softmax(logits): positive, summing to T (all 1 at the start, as ``equal``)."""
+    logits = state["logits"]
+    return logits.shape[0] * jax.nn.softmax(logits)
+
+
+def _meta_update(config):
+    """Adam (Kingma & Ba 2015, bias-corrected) on the logits with the chain rule through the
+    softmax: the held-out gradient's scale is that of lr x <grad, grad>, which varies by orders
+    of magnitude between models; Adam makes ``weighting.meta_lr`` the step size of the logits."""
+    lr = float(config.weighting.meta_lr)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+
+    def update(state, d_meta_d_weights, present):
+        del present  # absent tasks' dM/dw is 0 already (their train loss is 0)
+        _, pullback = jax.vjp(meta_weights, state)
+        grad = pullback(d_meta_d_weights)[0]["logits"]
+        count = state["count"] + 1.0
+        m = b1 * state["adam_m"] + (1 - b1) * grad
+        v = b2 * state["adam_v"] + (1 - b2) * grad * grad
+        step = lr * (m / (1 - b1 ** count)) / (jnp.sqrt(v / (1 - b2 ** count)) + eps)
+        return {"logits": state["logits"] - step, "adam_m": m, "adam_v": v, "count": count}
+    return update
+
+
+def _meta_heldout(config) -> HeldOut:
+    w = config.weighting
+    return HeldOut(split=w.meta_split, fraction=float(w.meta_holdout),
+                   batch_size=int(w.meta_batch_size or config.train.batch_size))
+
+
+WEIGHTINGS.register("meta", MetaWeighting(_meta_init, meta_weights, _meta_update,
+                                          _meta_heldout))
+
+
+def heldout_of(config) -> HeldOut | None:
+    """Where the run's held-out batches come from; None when its weighting needs none."""
+    weighting = get(config)
+    return weighting.heldout(config) if isinstance(weighting, MetaWeighting) else None
 
 
 def get(config) -> Weighting:

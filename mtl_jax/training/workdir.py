@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import socket
@@ -31,6 +32,8 @@ MAY_CHANGE = (
     "train.progress", "train.early_stopping_patience", "eval.batch_size",
     "checkpoint.max_to_keep", "checkpoint.async_save", "checkpoint.save_timeout_s",
     "data.cache_dir", "parallel.", "model.remat", "model.attention_impl",
+    # init_from is read by a fresh start only; a resume restores its own checkpoint.
+    "model.init_from", "model.init_from_heads", "model.init_from_peft", "model.init_from_encoder",
 )
 
 
@@ -182,13 +185,34 @@ def write_json(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
+# Keys added after runs were already saved without them, with the value that computes what those
+# runs computed (fnmatch patterns): a key absent from a saved config.json and set to this value
+# now is no change, so upgrading mtl_jax does not strand a half-done run. Add each new key here.
+ADDED_KEYS = {
+    "train.algorithm": "standard", "meta.*": None, "weighting.meta_*": None,
+    "tasks.*.k_shot": 0, "tasks.*.k_shot_seed": 0,
+}
+
+
+def _added_and_default(key: str, value, saved: Mapping) -> bool:
+    """``key`` is absent from ``saved`` and ``value`` reproduces the older run (None in
+    ADDED_KEYS: any value, the key only acts when another new key is on)."""
+    if key in saved:
+        return False
+    for pattern, old in ADDED_KEYS.items():
+        if fnmatch.fnmatchcase(key, pattern):
+            return old is None or value == old
+    return False
+
+
 def changed_keys(saved: Mapping, now: Mapping, may_change: Iterable[str] = MAY_CHANGE) -> list:
     """``[(key, saved value, new value)]`` for leaves that differ, outside ``may_change``."""
     a, b = _flatten(saved), _flatten(now)
     allowed = tuple(may_change)
     out = []
     for key in sorted(a.keys() | b.keys()):
-        if a.get(key) == b.get(key) or _allowed(key, allowed):
+        if a.get(key) == b.get(key) or _allowed(key, allowed) or \
+                _added_and_default(key, b.get(key), a):
             continue
         if key.endswith(".label_names") and not a.get(key):
             continue  # saved before label names were resolved into config.json: inferred now
