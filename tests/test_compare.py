@@ -426,6 +426,30 @@ def test_compare_hard_then_its_fine_tune_end_to_end_tiny(shared_data, tmp_path):
     assert len(rows) == 2  # final and best tables
 
 
+def test_a_transfer_study_beside_the_runs_is_the_reports_last_section(tmp_path):
+    from mtl_jax.compare import __main__ as compare_main
+
+    fake_run(tmp_path / "runs", "hard", {t: {m: 0.5} for t, m in METRICS.items()})
+    cells = {f"cb/{start}/k16_s{seed}": dict(task="cb", start=start, k=16, seed=seed,
+                                             value=value, n_train=48, metric="accuracy")
+             for start, base in (("pretrained", 0.5), ("hard", 0.6))
+             for seed, value in enumerate((base, base + 0.1))}
+    (tmp_path / "transfer").mkdir()
+    (tmp_path / "transfer" / "transfer.json").write_text(json.dumps(
+        {"protocol": {"metrics": {"cb": "accuracy"}}, "cells": cells}))
+    path = compare.write_report(str(tmp_path), METRICS, ["hard"])
+    compare_main._add_transfer_section(str(tmp_path), path)
+    text = pathlib.Path(path).read_text()
+    assert text.index("| hard |") < text.index("## Few-shot transfer") < text.index("### cb")
+    assert "| `hard` | 65.00 ± 7.07 (2 seeds) |" in text  # mean and ddof=1 std of 0.6, 0.7
+    assert "](transfer/transfer.png)" in text and (tmp_path / "transfer/transfer.png").is_file()
+    dest = tmp_path / "published" / "results"
+    published = compare.publish(str(tmp_path), str(dest), METRICS, ["hard"])
+    compare_main._add_transfer_section(str(tmp_path), published, publish_to=str(dest))
+    assert (dest / "transfer" / "transfer.json").is_file()
+    assert "](results/transfer/transfer.png)" in pathlib.Path(published).read_text()
+
+
 def test_publish_copies_finished_runs_and_writes_the_report_beside_them(tmp_path):
     work = tmp_path / "work"
     hard = fake_run(work / "runs", "hard", {"sst2": {"accuracy": 0.9}},

@@ -15,7 +15,12 @@ in the repo, reproducible from what it commits, and the seed of a comparison res
 
 Setups (``compare.setups``): ``single`` (one single-task run per task), ``hard``, ``soft``,
 ``prefix``, ``adapters``, ``lora``; each ``--sweep=KEY=V1,V2`` value adds one setup on top of
-``compare.sweep_base``. ``--config.*`` overrides given here go to every run.
+``compare.sweep_base``. Knowledge transfer: ``<X>_ft`` (e.g. ``hard_ft``) fine-tunes each task
+from setup X's final params, the row ``X → fine-tune``; ``reptile``, ``fomaml`` (meta-learning,
+``compare.meta``) and ``meta_weights`` (``weighting.name=meta``, ``compare.meta_weights``) are
+multi-task setups like hard. A few-shot study run with ``python -m mtl_jax.transfer
+--workdir=DIR/transfer`` becomes the report's last section (and is published with it).
+``--config.*`` overrides given here go to every run.
 """
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ from mtl_jax.compare.driver import run_comparison
 from mtl_jax.compare.plan import plan, protocol_metrics
 from mtl_jax.compare.report import REPORT, publish, write_report
 from mtl_jax.errors import UserError, user_errors
+from mtl_jax.transfer import plan as transfer_plan
+from mtl_jax.transfer import report as transfer_report
+
+TRANSFER_DIR = "transfer"  # DIR/transfer: a few-shot transfer study, reported with the rows
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/compare.py[:tiny,tasks=a+b,epochs=N]", lock_config=True)
@@ -58,13 +67,29 @@ def main(argv: list[str]) -> None:
         order = [s.name for s in plan(config, _SWEEP.value)]
         if _PUBLISH.value:
             path = publish(_WORKDIR.value, _PUBLISH.value, protocol_metrics(config), order)
+            _add_transfer_section(_WORKDIR.value, path, publish_to=_PUBLISH.value)
             print(f"[compare] wrote {path}")
             return
         if _REPORT_ONLY.value:
             path = write_report(_WORKDIR.value, protocol_metrics(config), order)
+            _add_transfer_section(_WORKDIR.value, path)
             print(f"[compare] wrote {path}")
             return
         _compare(config)
+
+
+def _add_transfer_section(workdir: str, report_path: str, publish_to: str | None = None) -> None:
+    """A few-shot transfer study in ``DIR/transfer`` (``python -m mtl_jax.transfer
+    --workdir=DIR/transfer``) becomes the report's last section; published beside the runs."""
+    study = os.path.join(workdir, TRANSFER_DIR)
+    if not os.path.isfile(os.path.join(study, transfer_plan.RECORD)):
+        return
+    if publish_to:
+        transfer_report.publish(study, os.path.join(publish_to, TRANSFER_DIR))
+        study = os.path.join(publish_to, TRANSFER_DIR)
+    text = transfer_report.section(study, os.path.dirname(os.path.abspath(report_path)))
+    with open(report_path, "a", encoding="utf-8") as f:
+        f.write("\n" + text + "\n")
 
 
 def _compare(config) -> None:
@@ -79,7 +104,9 @@ def _compare(config) -> None:
     statuses = run_comparison(config, config_file, _WORKDIR.value, user, _SWEEP.value)
     if any(s.startswith("stopped") for s in statuses.values()):
         return  # like a training job stopped by a signal: exit 0, the log line says how to resume
-    print(f"[compare] wrote {os.path.join(os.path.abspath(_WORKDIR.value), REPORT)}")
+    report = os.path.join(os.path.abspath(_WORKDIR.value), REPORT)
+    _add_transfer_section(_WORKDIR.value, report)
+    print(f"[compare] wrote {report}")
     failed = [n for n, s in statuses.items() if s.startswith("failed")]
     if failed:
         raise UserError(f"setup(s) {', '.join(failed)} failed (see DIR/runs/<setup>/compare.log); "

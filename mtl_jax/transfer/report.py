@@ -149,3 +149,15 @@ def publish(workdir: str, dest: str) -> str:
     os.makedirs(dest, exist_ok=True)
     write_json(os.path.join(dest, RECORD), merged)
     return write_report(dest)
+
+
+def section(workdir: str, report_dir: str) -> str:
+    """The study in ``workdir`` as a section of another report in ``report_dir`` (the
+    comparison's, docs/results.md): its report refreshed, headings one level down, the plot
+    linked relative to ``report_dir``."""
+    write_report(workdir)
+    with open(os.path.join(workdir, REPORT), encoding="utf-8") as f:
+        text = f.read()
+    plot = os.path.relpath(os.path.join(workdir, TRANSFER_PLOT), report_dir)
+    return "\n".join(("#" + line if line.startswith("#") else line).replace(
+        f"]({TRANSFER_PLOT})", f"]({plot})") for line in text.splitlines())
