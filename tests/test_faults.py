@@ -204,6 +204,7 @@ def test_keys_added_after_a_run_was_saved_are_no_change_at_their_old_behaviour()
     saved = {"train": {"num_steps": 4}, "tasks": {"a": {"metrics": ["f1"]}}}
     now = {"train": {"num_steps": 4, "algorithm": "standard"},
            "meta": {"inner_steps": 3}, "weighting": {"meta_lr": 0.1},
+           "compare": {"meta": {"inner_lr": 5e-5}}, "transfer": {"epochs": 3},  # drivers' only
            "tasks": {"a": {"metrics": ["f1"], "k_shot": 0, "k_shot_seed": 0}}}
     assert workdir_lib.changed_keys(saved, now) == []
     now["train"]["algorithm"] = "reptile"

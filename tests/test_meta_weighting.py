@@ -158,10 +158,12 @@ def test_step_without_heldout_rows_is_one_line():
     ("test", 0.1, 32, "evaluation split"),
     ("train", 0.0, 32, "meta_holdout"),
     ("train", 0.1, 1, "at least one held-out row"),
+    ("train", 0.1, 3, "multiple of the 2 tasks"),
+    ("dev", 0.1, 4, "task a has no data.dev"),
 ])
 def test_config_checks(split, fraction, size, message):
     c = _config(meta_split=split, meta_holdout=fraction, meta_batch_size=size)
-    c.tasks = {"a": {}, "b": {}}
+    c.tasks = {"a": {"data": {"train": "x"}}, "b": {"data": {"train": "x", "dev": "y"}}}
     with pytest.raises(UserError, match=message):
         validate.check_config(c)
 
@@ -271,3 +273,31 @@ def test_meta_every_updates_only_on_its_steps():
     for a, b in zip(jax.tree.leaves(strategy.saved(state).params), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["train/weight/t0"]), weights[0], rtol=1e-6)
+
+
+def test_heldout_from_another_split_trains_on_all_of_train(tmp_path, minilm_path):
+    """meta_split=dev: held-out rows come from each task's dev file, every train example trains,
+    and the held-out rows are at the longest bucket (one compile per train bucket)."""
+    import transformers
+
+    from data_helpers import base_config, write_jsonl
+    from mtl_jax.data.pipeline import build_data
+    from mtl_jax.tasks.definitions import task_definition
+
+    config = base_config(tmp_path, buckets=(16, 32))
+    for name in ("a", "b"):
+        rows = [dict(sentence=f"{name} item {i} sat", label=i % 2) for i in range(12)]
+        dev = [dict(sentence=f"{name} dev {i} sat", label=i % 2) for i in range(6)]
+        config.tasks[name] = task_definition(
+            "sequence_classification", text_fields=("sentence",), label_names=("n", "p"),
+            max_length=16, data=dict(train=write_jsonl(tmp_path / f"{name}.jsonl", rows),
+                                     dev=write_jsonl(tmp_path / f"{name}_dev.jsonl", dev)))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path))
+    data = build_data(config, tokenizer, splits=("train", "dev"))
+    it = data.train_iterator(4, seed=0, process_index=0, process_count=1,
+                             heldout=HeldOut("dev", 0.0, 4))
+    batches = [next(it) for _ in range(30)]
+    assert len({r for b in batches for r in _rows_of(b)}) == 24  # all train rows
+    held = {r for b in batches for r in _rows_of(b, "meta/")}
+    assert len(held) == 12 and not held & {r for b in batches for r in _rows_of(b)}
+    assert {b["meta/input_ids"].shape[1] for b in batches} == {32}

@@ -33,7 +33,9 @@ class HeldOut:
     fraction: float  # with split="train": the share of each task's examples held out
     batch_size: int  # held-out rows per train batch (all tasks together)
 
-    def check(self, num_tasks: int) -> None:
+    def check(self, tasks) -> None:
+        """``tasks``: the run's task definitions (name -> definition with ``data``)."""
+        num_tasks = len(tasks)
         if self.split in EVALUATED_SPLITS:
             raise UserError(f"weighting.meta_split={self.split!r} is an evaluation split; held-out "
                             f"batches must come from training data: use 'train' (with "
@@ -44,6 +46,20 @@ class HeldOut:
         if self.batch_size < num_tasks:
             raise UserError(f"weighting.meta_batch_size={self.batch_size} is under the "
                             f"{num_tasks} tasks; give every task at least one held-out row")
+        if self.batch_size % num_tasks:
+            raise UserError(f"weighting.meta_batch_size={self.batch_size} must be a multiple of "
+                            f"the {num_tasks} tasks (an equal share of held-out rows each)")
+        if self.split != "train":
+            missing = [n for n, t in tasks.items() if self.split not in (t.get("data") or {})]
+            if missing:
+                raise UserError(f"weighting.meta_split={self.split!r}: task {missing[0]} has no "
+                                f"data.{self.split}; set tasks.{missing[0]}.data.{self.split}=PATH "
+                                f"or use weighting.meta_split=train")
+
+    @property
+    def extra_split(self) -> tuple[str, ...]:
+        """The split the run must load besides train and validation (none for "train")."""
+        return () if self.split == "train" else (self.split,)
 
 
 def heldout_examples(task_data, fraction: float, seed: int) -> np.ndarray:
@@ -86,14 +102,23 @@ class HeldOutBatches:
         self.streams = [TaskStream(len(t.features), t.index, seed + 0x51ED, process_index,
                                    process_count, indices=idx)
                         for t, idx in zip(tasks, indices)]
+        for task, stream in zip(tasks, self.streams):
+            if not len(stream.shard):  # an empty stream would never fill its rows
+                raise UserError(f"task {task.name} has fewer held-out examples than the "
+                                f"{process_count} hosts; raise weighting.meta_holdout")
 
     def next(self) -> dict[str, np.ndarray]:
         rows = [[(t, f) for f in s.take(self.per_task)] for t, s in zip(self.tasks, self.streams)]
+        # Always the longest bucket: a held-out length of its own would compile the step once
+        # per (train bucket, held-out bucket) pair instead of once per train bucket.
+        length = self.buckets[-1]
         if self.stacked:
-            batch = batching.make_stacked_batch(rows, self.per_task, self.buckets, self.keys)
+            subs = [batching.make_batch(r, self.per_task, self.buckets, self.keys, length)
+                    for r in rows]
+            batch = {k: np.stack([s[k] for s in subs]) for k in subs[0]}
         else:
             flat = [r for task_rows in rows for r in task_rows]
-            batch = batching.make_batch(flat, len(flat), self.buckets, self.keys)
+            batch = batching.make_batch(flat, len(flat), self.buckets, self.keys, length)
         return {PREFIX + k: v for k, v in batch.items()}
 
     def get_state(self) -> dict:

@@ -95,7 +95,7 @@ class RunData:
 
     def _heldout(self, tasks, heldout: HeldOut, seed, process_index, process_count):
         """(per-task train feature indices or None, the HeldOutBatches) of ``heldout``."""
-        heldout.check(len(tasks))
+        heldout.check({t.name: t.definition for t in tasks})
         if heldout.split == "train":
             pairs = [split_features(t, heldout_examples(t, heldout.fraction, seed))
                      for t in tasks]

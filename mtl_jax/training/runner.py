@@ -37,6 +37,7 @@ from mtl_jax.registry import Registry
 from mtl_jax.training import distributed, parallel, validate
 from mtl_jax.training import sharding as sharding_lib
 from mtl_jax.training import state as state_lib
+from mtl_jax.training import weighting as weighting_lib
 from mtl_jax.training import workdir as workdir_lib
 
 EVAL_CHECKPOINTS = ("best", "latest")
@@ -179,7 +180,9 @@ def train_mode(config, workdir, task=None, input_path="-"):
                and jax.process_index() == 0)  # on a shared filesystem: only one remover
     with workdir_lib.WorkdirLock(workdir, log_line, enabled=jax.process_index() == 0):
         try:
-            run = build_run(config, log=log_line)  # reads and tokenizes every split
+            heldout = weighting_lib.heldout_of(config)  # a held-out split to load, if any
+            splits = ("train", "validation") + (heldout.extra_split if heldout else ())
+            run = build_run(config, splits, log=log_line)  # reads and tokenizes every split
             validate.check_run(run)
             if config.model.init_from and not _has_checkpoint(workdir):  # a resume ignores it
                 run.pending_params = run.initial_params()  # checked before anything compiles

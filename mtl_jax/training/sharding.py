@@ -142,10 +142,12 @@ def shard_batch(batch: dict, mesh: Mesh, axis: int | None = None) -> dict:
         global_shape = list(x.shape)
         global_shape[axis] *= jax.process_count()
         if global_shape[axis] % n:
+            setting = ("weighting.meta_batch_size (per task for stacked batches)"
+                       if key.startswith("meta/") else
+                       "train.batch_size (per task for stacked batches; meta.inner_batch_size "
+                       "for meta-learning episodes)")
             raise UserError(f"batch key {key!r} has {global_shape[axis]} rows, not divisible by "
-                            f"the {n} data x fsdp devices; make train.batch_size (per task for "
-                            f"stacked batches; meta.inner_batch_size for meta-learning "
-                            f"episodes) a multiple of {n}")
+                            f"the {n} data x fsdp devices; make {setting} a multiple of {n}")
         sharding = NamedSharding(mesh, batch_spec(x.ndim, axis))
         out[key] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
     return out

@@ -105,7 +105,7 @@ def check_config(config) -> None:
     trainers_lib.get(config).check_config(config)
     heldout = weighting_lib.heldout_of(config)
     if heldout is not None:
-        heldout.check(len(config.tasks))
+        heldout.check(config.tasks)
 
 
 def _check_batch_layout(config) -> None:

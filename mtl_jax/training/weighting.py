@@ -16,7 +16,7 @@ Three kinds of registry entry, each with its own protocol:
 
 * ``MetaWeighting`` (meta) learns the weights from held-out batches of the train data: the step
   differentiates the held-out loss after a virtual SGD step on the weighted train loss with
-  respect to the weights (``step.meta_weighted_grads``); the entry owns the weights' form and
+  respect to the weights (``step.meta_lookahead``); the entry owns the weights' form and
   their update.
 
 ``total`` uses the *sum* of task losses (equal weighting = sum_t L_t, all weights 1), so every
@@ -77,7 +77,7 @@ class GradientWeighting:
 class MetaWeighting:
     """Task weights learned from held-out data by a look-ahead (see ``_meta_*`` below).
 
-    The step (``step.meta_weighted_grads``) computes ``d M / d w``, M the held-out loss after
+    The step (``step.meta_lookahead``) computes ``d M / d w``, M the held-out loss after
     one virtual SGD step on the weighted train loss, and ``make_update(config)(state, dM_dw,
     present)`` moves the weights' parameters; ``heldout(config)`` says where the held-out
     batches come from (``data.heldout.HeldOut``: the loop asks the iterator for them).
@@ -410,7 +410,10 @@ def _meta_update(config):
     b1, b2, eps = 0.9, 0.999, 1e-8
 
     def update(state, d_meta_d_weights, present):
-        del present  # absent tasks' dM/dw is 0 already (their train loss is 0)
+        # Every logit moves, absent tasks' too: dM/dw is 0 for a task absent from the batch
+        # (its train loss is 0), but the softmax couples the logits, and dM/dlogits is the true
+        # gradient of M. Masking it to present tasks would follow another objective.
+        del present
         _, pullback = jax.vjp(meta_weights, state)
         grad = pullback(d_meta_d_weights)[0]["logits"]
         count = state["count"] + 1.0

@@ -34,6 +34,8 @@ MAY_CHANGE = (
     "data.cache_dir", "parallel.", "model.remat", "model.attention_impl",
     # init_from is read by a fresh start only; a resume restores its own checkpoint.
     "model.init_from", "model.init_from_heads", "model.init_from_peft", "model.init_from_encoder",
+    # Sections that only the comparison / transfer drivers read (the training job ignores them).
+    "compare.", "transfer.",
 )
 
 
