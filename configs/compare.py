@@ -153,6 +153,9 @@ def get_config(arg=None):
     # reported together as the row "X → fine-tune".
     c.compare.setups = SETUPS
     c.compare.peft_lr = PEFT_LR  # optim.lr of the prefix, adapters and lora setups
+    # Comma-separated setup names to run this time (empty: every planned setup); the report
+    # still shows every finished one. E.g. only=hard_ft_rte,hard_ft_cola.
+    c.compare.only = ""
     # The reptile / fomaml setups' meta.* settings (their budget: the multi-task run's examples;
     # mtl_jax/compare/plan.py): 4 tasks an outer step, 3 inner Adam steps of 8 rows at lr 5e-5.
     c.compare.meta = ml_collections.ConfigDict(META)

@@ -205,6 +205,22 @@ def test_resume_skips_finished_setups_and_relaunches_half_done_ones(tiny, tmp_pa
                                launch=fake, count_params=count, log=lambda s: None)
 
 
+def test_compare_only_runs_the_named_setups(tiny, tmp_path):
+    with tiny.unlocked():
+        tiny.compare.setups = "single,hard,hard_ft"
+        tiny.compare.only = "hard, hard_ft_rte"
+    fake = FakeLauncher()
+    statuses = compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), launch=fake,
+                                      count_params=lambda c: (7, 70), log=lambda s: None)
+    assert fake.launched == ["hard", "hard_ft_rte"]
+    assert statuses["single_rte"] == statuses["hard_ft_sst2"] == "not selected"
+    with tiny.unlocked():
+        tiny.compare.only = "hard_ft_mnli"
+    with pytest.raises(UserError, match="compare.only names 'hard_ft_mnli'"):
+        compare.run_comparison(tiny, "configs/compare.py", str(tmp_path), launch=fake,
+                               count_params=lambda c: (7, 70), log=lambda s: None)
+
+
 def test_fine_tunes_wait_for_their_source_and_record_where_they_start(tiny, tmp_path):
     with tiny.unlocked():
         tiny.compare.setups = "hard,hard_ft"

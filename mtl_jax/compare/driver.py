@@ -83,8 +83,12 @@ def run_comparison(config, config_file: str, workdir: str,
     workdir = os.path.abspath(workdir)
     config_file = os.path.abspath(config_file)
     setups = plan(config, sweeps)
+    only = selected(config, setups)
     statuses = {}
     for setup in setups:
+        if only and setup.name not in only:
+            statuses[setup.name] = "not selected"
+            continue
         run_dir = os.path.join(workdir, RUNS_DIR, setup.name)
         if os.path.exists(os.path.join(run_dir, "results.json")):
             statuses[setup.name] = "skipped"
@@ -103,6 +107,17 @@ def run_comparison(config, config_file: str, workdir: str,
             return statuses
     write_report(workdir, protocol_metrics(config), [s.name for s in setups])
     return statuses
+
+
+def selected(config, setups) -> list[str]:
+    """``compare.only``: the setup names to run this time (empty: all); each must be planned."""
+    only = [n.strip() for n in config.compare.get("only", "").split(",") if n.strip()]
+    names = [s.name for s in setups]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise UserError(f"compare.only names {unknown[0]!r}, not a setup of this plan; "
+                        f"planned: {', '.join(names)}")
+    return only
 
 
 def _run_setup(config, config_file, setup, run_dir, user, launch, count_params, log) -> str:
