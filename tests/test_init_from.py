@@ -1,8 +1,9 @@
 """model.init_from: a run's fresh params from another run's checkpoint (tiny random BERTs).
 
-Sources are written with CheckpointManager directly (params perturbed away from any init, so a
-loaded leaf cannot equal a fresh one by chance); one end-to-end test trains a single-task run from
-a multi-task checkpoint through ``python -m mtl_jax.main`` and resumes it with the source gone.
+Sources are written with CheckpointManager directly (random normal params of the model's
+shapes, from ``abstract_params``: no init to compile, and a loaded leaf cannot equal a fresh one by
+chance); one end-to-end test trains a single-task run from a multi-task checkpoint through
+``python -m mtl_jax.main`` (1 device, 1 layer) and resumes it with the source gone.
 """
 import shutil
 
@@ -51,22 +52,22 @@ def build(tasks, ffn=64, labels=None, **sections):
     return multitask.MultiTaskModel(c, specs, enc)
 
 
-def perturbed(params, seed):
+def random_params(model, seed):
+    """``model``'s parameter tree (shapes and dtypes of its init) filled with N(0, 1) values."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: np.asarray(x) + rng.normal(size=x.shape).astype(x.dtype),
-                        params)
+    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype),
+                        model.abstract_params())
 
 
 def save_source(path, model, seed=1, steps=((4, None),)):
-    """A checkpoint per (step, metric) of ``model``'s perturbed params; returns {step: params}."""
+    """A checkpoint per (step, metric) of random params of ``model``; returns {step: params}."""
     record = config_to_json(model.config)
     record["tasks"] = {s.name: {"type": s.type, "label_names": list(s.label_names)}
                        for s in model.specs}
     saved = {}
     with CheckpointManager(str(path), async_save=False) as ckpt:
         for i, (step, metric) in enumerate(steps):
-            saved[step] = perturbed(model.init_params(jax.random.key(0), pretrained=False),
-                                    seed + i)
+            saved[step] = random_params(model, seed + i)
             ckpt.save(step, {"params": saved[step], "step": np.int32(step)}, config=record,
                       metric=metric)
     return saved
@@ -74,6 +75,11 @@ def save_source(path, model, seed=1, steps=((4, None),)):
 
 def flat(tree):
     return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def encoder_shapes(model):
+    return {path_str(p): x.shape for p, x in
+            jax.tree_util.tree_flatten_with_path(model.abstract_params()["encoder"])[0]}
 
 
 def start(model, spec, **model_keys):
@@ -200,14 +206,13 @@ def test_an_encoder_mismatch_names_the_parameter_and_both_shapes(tmp_path):
     source = build(["a"])
     save_source(tmp_path / "src", source)
     target = build(["a"], ffn=96)
-    fresh = flat(target.init_params(jax.random.key(0), pretrained=False)["encoder"])
-    there = flat(source.init_params(jax.random.key(0), pretrained=False)["encoder"])
-    first = next(k for k in fresh if fresh[k].shape != there[k].shape)  # tree order
+    fresh, there = encoder_shapes(target), encoder_shapes(source)
+    first = next(k for k in fresh if fresh[k] != there[k])  # tree order
     with pytest.raises(UserError) as error:
         start(target, f"{tmp_path / 'src'}:latest")
     message = str(error.value)
     assert message == (f"model.init_from={tmp_path / 'src'}:latest: encoder/{first} has shape "
-                       f"{there[first].shape} there and {fresh[first].shape} here; initialise "
+                       f"{there[first]} there and {fresh[first]} here; initialise "
                        f"from a run of the same encoder (model.name_or_path, model.size, "
                        f"model.scan_layers)")
     assert "\n" not in message
@@ -247,6 +252,21 @@ def test_missing_dir_checkpoint_or_step_are_one_line_errors(tmp_path):
         start(model, f"{tmp_path / 'src'}:3")
 
 
+def test_best_without_a_scored_checkpoint_is_a_one_line_error(tmp_path):
+    """:best never silently means latest: not when no checkpoint has a metric, not when the
+    source kept no best checkpoint (orbax would answer its latest step)."""
+    save_source(tmp_path / "unscored", build(["a"]), steps=((2, None), (4, None)))
+    save_source(tmp_path / "off", build(["a"], checkpoint__keep_best=False),
+                steps=((2, 0.9), (4, 0.1)))
+    for name in ("unscored", "off"):
+        with pytest.raises(UserError) as error:
+            start(build(["a"]), f"{tmp_path / name}:best")
+        assert str(error.value) == (
+            f"model.init_from={tmp_path / name}:best: {tmp_path / name} has no best checkpoint "
+            f"(checkpoint.keep_best was off there or no checkpoint was scored); use :latest or "
+            f"a step (2, 4)")
+
+
 # --- through the runner and python -m mtl_jax.main -----------------------------------------------
 
 def test_train_mode_checks_init_from_before_training_and_leaves_no_workdir(tmp_path):
@@ -261,28 +281,32 @@ def test_train_mode_checks_init_from_before_training_and_leaves_no_workdir(tmp_p
 
 def test_single_task_run_from_a_multitask_checkpoint_end_to_end(tmp_path, tmp_path_factory):
     """A sent+ner checkpoint -> a sent-only run (lr 0: its final params are its initial ones),
-    then a resume of it with the source gone (a resume ignores init_from)."""
+    then a resume of it with the source gone (a resume ignores init_from). One layer and two
+    steps: nothing here depends on the depth or the step count, and compiles dominate."""
     from mtl_jax.training import runner
 
-    source_run = runner.build_run(tiny_config(tmp_path, ("sent", "ner")))
-    saved = perturbed(source_run.model.init_params(jax.random.key(0)), seed=3)
+    source_config = tiny_config(tmp_path, ("sent", "ner"))
+    source_config.model.size.num_layers = 1
+    source_run = runner.build_run(source_config)
+    saved = random_params(source_run.model, seed=3)
     with CheckpointManager(str(tmp_path / "src"), async_save=False) as ckpt:
         ckpt.save(7, {"params": saved, "step": np.int32(7)}, config=source_run.config_json)
     config_file = write_config_file(tmp_path)
     args = (f"--config={config_file}:sent", f"--workdir={tmp_path / 'run'}",
-            f"--config.model.init_from={tmp_path / 'src'}:latest", "--config.optim.lr=0.0")
+            f"--config.model.init_from={tmp_path / 'src'}:latest", "--config.optim.lr=0.0",
+            "--config.model.size.num_layers=1", "--config.train.num_steps=2")
     env = main_env(1, cache_dir=cache_dir_for(tmp_path_factory))
     proc = run_main(*args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"init_from {tmp_path / 'src'} step 7: encoder (hard); heads sent\n" in proc.stderr
     step, got = restored_params(tmp_path / "run")
-    assert step == 4
+    assert step == 2
     want = {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
     assert set(got) == {k for k in want if "'ner'" not in k}
     for k, x in got.items():
         np.testing.assert_array_equal(x, want[k], err_msg=k)
     shutil.rmtree(tmp_path / "src")
-    proc = run_main(*args, env=env)  # finished: restores step 4, evaluates, never reads the source
+    proc = run_main(*args, env=env)  # finished: restores step 2, evaluates, never reads the source
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "init_from" not in proc.stderr

@@ -108,9 +108,10 @@ def _strategy(c, model, params, devices=None):
     return parallel.build(model, c, sharding.make_mesh(c, devices), abstract)
 
 
-def _steps(c, model, batches, devices=None):
-    """Runs ``batches`` through the strategy; -> (params as NumPy, metrics per step, strategy)."""
-    params = model.init_params(jax.random.PRNGKey(0))
+def _steps(c, model, batches, devices=None, params=None):
+    """Runs ``batches`` through the strategy from ``params`` (default: the model's init with key
+    0); -> (params as NumPy, metrics per step, strategy)."""
+    params = model.init_params(jax.random.PRNGKey(0)) if params is None else params
     strategy = _strategy(c, model, params, devices)
     state, rng = strategy.init_state(params), strategy.place_rng(RNG)
     metrics = []
@@ -289,21 +290,26 @@ def _bert_episode(seed, tasks, length=16):
 
 
 def _bert_steps(batches, **sections):
-    """tiny_bert (2-layer BERT) meta-trained by reptile through the jit strategy on 8 devices
-    -> (initial params, params, metrics, strategy)."""
+    """tiny_bert's BERT with one layer, meta-trained by reptile through the jit strategy on 1
+    device -> (initial params, params, metrics, strategy). What these tests check depends on
+    neither the depth nor the mesh (the 8-device layouts are checked on the quadratic and toy
+    models above), and the meta step's compile dominates their time."""
+    from mtl_jax.models.multitask import MultiTaskModel
     from tiny_bert import tiny_bert
 
     model = tiny_bert(train__algorithm="reptile", **sections)
+    model = MultiTaskModel(model.config, model.specs, model.encoder_config.replace(num_layers=1))
     c = model.config
     c.meta.update(dict(tasks_per_step=2, inner_steps=2, inner_lr=1e-2, inner_batch_size=8))
     c.optim.update(dict(name="sgd", lr=0.5, b1=0.0, weight_decay=0.0, schedule="constant",
                         warmup_fraction=0.0))
-    c.parallel.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-    params, metrics, strategy = _steps(c, model, batches)
+    c.parallel.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    # One init (NumPy: the donated step state never aliases it) serves as start and reference.
+    p0 = jax.tree.map(np.asarray, model.init_params(jax.random.PRNGKey(0)))
+    params, metrics, strategy = _steps(c, model, batches, devices=jax.devices()[:1], params=p0)
     assert strategy.train_step._cache_size() == 1  # one episode shape, one compile
     assert all(np.isfinite(m["train/loss"]) for m in metrics)
-    return jax.tree.map(np.asarray, model.init_params(jax.random.PRNGKey(0))), params, \
-        metrics, strategy
+    return p0, params, metrics, strategy
 
 
 def test_tiny_bert_lora_meta_learns_only_its_trainable_parameters():
@@ -441,26 +447,45 @@ def test_iterator_episode_rows_follow_the_sampler_and_each_tasks_stream_and_repl
 
 # --- kill -9 during meta-training, then resume ---------------------------------------------------
 
+def _start_paused(config, workdir, env, step, flags):
+    """test_resume.start_paused with an environment: a run that waits after ``step``."""
+    import subprocess
+
+    from run_helpers import REPO, pausing_command
+
+    command = pausing_command(step, f"--config={config}", f"--workdir={workdir}", *flags)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.strip() == f"paused at step {step}":
+            return proc
+    proc.wait()
+    raise AssertionError("the run ended before pausing:\n" + "".join(seen))
+
+
 def test_reptile_run_killed_and_resumed_is_bit_identical(tmp_path_factory):
+    """On 1 device with a 1-layer encoder: what is checked (the episode iterator's state and the
+    meta step resume exactly) does not depend on either, and the compile dominates."""
     from run_helpers import cache_dir_for, main_env, run_main, write_config_file
-    from test_resume import assert_same_params, checkpoint_steps, start_paused, train_events
+    from test_resume import assert_same_params, checkpoint_steps, train_events
 
     root = tmp_path_factory.mktemp("meta_resume")
-    config, cache = write_config_file(root), cache_dir_for(tmp_path_factory)
+    config, env = write_config_file(root), main_env(1, cache_dir=cache_dir_for(tmp_path_factory))
     flags = ("--config.train.algorithm=reptile", "--config.data.batch_mode=homogeneous",
              "--config.meta.tasks_per_step=2", "--config.meta.inner_steps=2",
-             "--config.meta.inner_batch_size=8", "--config.meta.inner_lr=0.01")
+             "--config.meta.inner_batch_size=8", "--config.meta.inner_lr=0.01",
+             "--config.model.size.num_layers=1")
     straight = root / "straight"
-    proc = run_main(f"--config={config}", f"--workdir={straight}", *flags,
-                    env=main_env(cache_dir=cache))
+    proc = run_main(f"--config={config}", f"--workdir={straight}", *flags, env=env)
     assert proc.returncode == 0, proc.stderr
     workdir = root / "killed"
-    paused = start_paused(config, workdir, cache, step=3, extra=flags)
+    paused = _start_paused(config, workdir, env, step=3, flags=flags)
     paused.kill()
     paused.wait()
     assert checkpoint_steps(workdir) == [2]
-    resumed = run_main(f"--config={config}", f"--workdir={workdir}", *flags,
-                       env=main_env(cache_dir=cache))
+    resumed = run_main(f"--config={config}", f"--workdir={workdir}", *flags, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {workdir / 'checkpoints'}/2" in resumed.stderr
     assert_same_params(workdir, straight)

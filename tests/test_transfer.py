@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -47,6 +48,27 @@ def write_trec(root) -> pathlib.Path:
 
 def tiny(root, tasks="cb"):
     return transfer_config.get_config(f"tiny,tasks={tasks},data_dir={root}")
+
+
+def save_source(path, config, task, step=3, **size):
+    """A training workdir with one checkpoint (``step``) of the model ``config`` builds for a
+    ``task`` cell (``size``: model.size overrides): random params of its shapes drawn by NumPy
+    (nothing compiled) and the config record, as a run saves them."""
+    from mtl_jax.checkpoints.manager import CheckpointManager, config_to_json
+    from mtl_jax.models.multitask import build_model
+    from mtl_jax.tasks.spec import TaskSpec
+
+    cell = transfer.plan.task_config(config, task)
+    with cell.unlocked():
+        cell.model.size.update(size)
+    names = tuple(cell.tasks[task].label_names)
+    model = build_model(cell, [TaskSpec(task, cell.tasks[task].type, len(names), 0, names)])
+    rng = np.random.default_rng(step)
+    params = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape)).astype(x.dtype),
+                          model.abstract_params())
+    with CheckpointManager(str(path), async_save=False) as ckpt:
+        ckpt.save(step, {"params": params, "step": np.int32(step)}, config=config_to_json(cell))
+    return path
 
 
 # --- the protocol config -----------------------------------------------------------------------
@@ -207,6 +229,104 @@ def test_driver_records_cells_deletes_checkpoints_and_resumes(tmp_path):
                               launch=fake, log=lines.append)
 
 
+def _run_dirs(tmp_path, *names):
+    for name in names:
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+    return [str(tmp_path / name) for name in names]
+
+
+def test_recorded_cells_of_another_source_or_budget_are_refused_before_anything(tmp_path):
+    c = tiny(write_cb(tmp_path / "data"))
+    a, b = _run_dirs(tmp_path, "a", "b")
+    work = tmp_path / "study"
+
+    def cells(source, shots=(2,)):
+        return transfer.plan_cells(["cb"], transfer.parse_starts([f"hard={source}"]), shots, (0,))
+
+    fake = FakeLauncher()
+    transfer.run_transfer(c, "configs/transfer.py", str(work), cells(a), launch=fake,
+                          log=lambda s: None)
+    assert fake.launched == ["cb/pretrained/k2_s0", "cb/hard/k2_s0"]
+    record = (work / transfer.RECORD).read_text()
+    settings = json.loads(record)["cells"]["cb/hard/k2_s0"]["settings"]
+    assert (settings["init_from"], settings["steps"]) == (f"{a}:latest", 2)
+    # --from=hard=B after hard=A: the recorded hard cell is refused, naming what differs
+    with pytest.raises(UserError, match=re.escape(
+            f"has cb/hard/k2_s0 run with init_from='{a}:latest' (now '{b}:latest')")):
+        transfer.run_transfer(c, "configs/transfer.py", str(work), cells(b, (2, 4)), launch=fake,
+                              log=lambda s: None)
+    # transfer.epochs=5: k=2 (5 examples) now trains max(2, ceil(5 * 5 / 8)) = 4 steps, not 2
+    with c.unlocked():
+        c.transfer.epochs = 5
+    with pytest.raises(UserError, match=r"has cb/pretrained/k2_s0 run with steps=2 \(now 4\)"):
+        transfer.run_transfer(c, "configs/transfer.py", str(work), cells(a, (2, 4)),
+                              launch=fake, log=lambda s: None)
+    # refused before anything was launched or written (the protocol text too)
+    assert len(fake.launched) == 2 and (work / transfer.RECORD).read_text() == record
+    # a record from before init_from and steps were recorded: accepted (same defaults then)
+    old = json.loads(record)
+    for entry in old["cells"].values():
+        entry["settings"] = {k: entry["settings"][k] for k in ("config_arg", "overrides")}
+    (work / transfer.RECORD).write_text(json.dumps(old))
+    statuses = transfer.run_transfer(c, "configs/transfer.py", str(work), cells(a), launch=fake,
+                                     log=lambda s: None)
+    assert set(statuses.values()) == {"skipped"} and len(fake.launched) == 2
+
+
+def test_a_half_done_cell_of_other_settings_is_refused_a_failed_one_relaunched(tmp_path):
+    c = tiny(write_cb(tmp_path / "data"))
+    work = tmp_path / "study"
+
+    def half_done(command, log_path):  # stopped after its first checkpoint
+        os.makedirs(os.path.join(_flag(command, "workdir"), "checkpoints", "1"))
+        raise Stopped(15, 75)
+
+    cells = _cells(shots=(2,), seeds=(0,))
+    transfer.run_transfer(c, "configs/transfer.py", str(work), cells, launch=half_done,
+                          log=lambda s: None)
+    with pytest.raises(UserError, match=r"cells/cb/pretrained/k2_s0 was started with "
+                       r"overrides=\{\} \(now \{'optim.lr': '0.01'\}\).*or delete "
+                       r".*cells/cb/pretrained/k2_s0$"):
+        transfer.run_transfer(c, "configs/transfer.py", str(work), cells, {"optim.lr": 1e-2},
+                              launch=FakeLauncher(), log=lambda s: None)
+    # a cell whose job failed before any checkpoint may be relaunched with other settings
+    work2 = tmp_path / "study2"
+    transfer.run_transfer(c, "configs/transfer.py", str(work2), cells, launch=FakeLauncher(code=1),
+                          log=lambda s: None)
+    fake = FakeLauncher()
+    statuses = transfer.run_transfer(c, "configs/transfer.py", str(work2), cells,
+                                     {"optim.lr": 1e-2}, launch=fake, log=lambda s: None)
+    assert statuses == {"cb/pretrained/k2_s0": "done"} and fake.launched == ["cb/pretrained/k2_s0"]
+
+
+def test_train_sizes_are_what_the_pipeline_keeps(tmp_path):
+    """k per class of the (6, 4, 1) CB classes, a class under k taken whole; counted by the
+    pipeline's own code under the cell's keys (so a setting the run refuses is refused here)."""
+    c = tiny(write_cb(tmp_path / "data"))
+    start = transfer.Start(transfer.PRETRAINED)
+    sizes = transfer.TrainSizes(c)
+    assert [sizes(transfer.Cell("cb", start, k, 1)) for k in (1, 2, 5, transfer.ALL)] == [
+        1 + 1 + 1, 2 + 2 + 1, 5 + 4 + 1, 11]
+    with c.unlocked():
+        c.tasks.cb.max_train_examples = 4
+    sizes = transfer.TrainSizes(c)
+    assert sizes(transfer.Cell("cb", start, transfer.ALL, 0)) == 4
+    with pytest.raises(UserError, match="sets both k_shot=2 and max_train_examples=4"):
+        sizes(transfer.Cell("cb", start, 2, 0))
+
+
+def test_a_source_that_does_not_fit_is_one_init_from_error_before_any_cell(tmp_path):
+    c = tiny(write_cb(tmp_path / "data"))
+    fits = save_source(tmp_path / "fits", c, "cb")
+    wider = save_source(tmp_path / "wider", c, "cb", hidden_size=48, intermediate_size=96)
+    starts = transfer.parse_starts([f"ok={fits}", f"wide={wider}"])
+    transfer.check_starts(c, starts[:2], "cb")  # maps: no error
+    with pytest.raises(UserError, match=re.escape(f"model.init_from={wider}:latest: encoder/")
+                       + r".* has shape \(.*48.*\) there and \(.*32.*\) here; initialise from a "
+                       r"run of the same encoder"):
+        transfer.check_starts(c, starts, "cb")
+
+
 def test_a_half_done_cell_is_relaunched_and_a_finished_unrecorded_one_recorded(tmp_path):
     c = tiny(write_cb(tmp_path / "data"))
     work = tmp_path / "study"
@@ -296,6 +416,34 @@ def test_report_table_is_mean_and_std_over_seeds(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_plot_x_is_the_train_examples_used(tmp_path):
+    """Each point at its cells' mean n_train (log axis), ticks named by k: CB's k=256 trains on
+    all 250 examples, so it shares all's tick instead of lying right of it."""
+    cells = {}
+    for start in ("pretrained", "mtl"):
+        for k, n_trains in ((4, (12, 12, 15)), (16, (48, 48, 48)), (256, (250,)), ("all", (250,))):
+            for seed, n in enumerate(n_trains):
+                cells[f"cb/{start}/k{k}_s{seed}"] = _entry("cb", start, k, seed, 0.1 * (seed + 1),
+                                                           n_train=n)
+    series = transfer.plot_series(transfer.group(cells), transfer.group(cells, "n_train"))
+    assert [label for label, _ in series["cb"]] == ["pretrained", "mtl"]
+    points = series["cb"][0][1]
+    assert [(x, name) for x, name, _ in points] == [(13.0, "k=4"), (48.0, "k=16"),
+                                                    (250.0, "k=256"), (250.0, "all")]
+    assert points[0][2] == pytest.approx([0.1, 0.2, 0.3])  # the values, in seed order
+    fig = transfer.transfer_figure(series, {"cb": "accuracy"})
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert ax.get_xlabel() == "train examples (k per class x classes)"
+    assert list(ax.lines[0].get_xdata()) == [13.0, 48.0, 250.0, 250.0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [20.0, 20.0, 10.0, 10.0])
+    assert list(ax.get_xticks()) == [13.0, 48.0, 250.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["k=4", "k=16", "k=256\nall"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_publish_copies_small_files_and_seeds_a_resume(tmp_path):
     c = tiny(write_cb(tmp_path / "data"))
     work, dest = tmp_path / "study", tmp_path / "docs" / "transfer"
@@ -330,83 +478,72 @@ def _transfer(*args, timeout=300):
                           timeout=timeout)
 
 
-def test_end_to_end_trec_style_test_split_and_resume(tmp_path):
-    """2 tiny cells (k=2, seeds 0 and 1) on a train+test-only dataset (``all`` cells differ only
-    in k_shot=0: the fake-launcher tests cover them)."""
+def test_end_to_end_from_a_source_on_a_test_split_and_resume(tmp_path):
+    """One real cell (the fewest that test the launch): --from a source checkpoint, on a
+    train+test-only dataset (TREC-style), seed 1; the pretrained cell is seeded as an older driver
+    recorded it (no init_from or steps in its settings: accepted, skipped). Then the same command
+    again: every cell skipped, nothing rewritten. (The ``all`` cells differ only in k_shot=0, the
+    mean ± std over seeds in the report is the report test's: the fake-launcher tests cover them.)
+    """
     data, work = write_trec(tmp_path / "data"), tmp_path / "study"
+    source = save_source(tmp_path / "src", tiny(data, "trec"), "trec")
+    settings = {"config_arg": f"tiny,data_dir={data},tasks=trec", "overrides": {}}
+    work.mkdir()
+    seeded = dict(_entry("trec", "pretrained", 2, 1, 0.4, n_train=12), settings=settings)
+    (work / transfer.RECORD).write_text(json.dumps({"protocol": {},
+                                                    "cells": {"trec/pretrained/k2_s1": seeded}}))
     args = [f"--config=configs/transfer.py:tiny,tasks=trec,data_dir={data}", f"--workdir={work}",
-            "--task=trec", "--shots=2", "--seeds=0,1"]
+            f"--from=src_run={source}", "--shots=2", "--seeds=1"]
     proc = _transfer(*args)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    assert "trec/pretrained/k2_s1: recorded in transfer.json, skipped" in proc.stdout
     record = json.loads((work / transfer.RECORD).read_text())
-    assert sorted(record["cells"]) == ["trec/pretrained/k2_s0", "trec/pretrained/k2_s1"]
+    assert sorted(record["cells"]) == ["trec/pretrained/k2_s1", "trec/src_run/k2_s1"]
     assert record["protocol"]["evaluated"] == {"trec": "test"}
-    for name, entry in record["cells"].items():
-        cell = work / transfer.CELLS_DIR / name
-        log = (cell / transfer.CELL_LOG).read_text()
-        # n_train is what the run trained on (its own log line), 2 of each of the 6 classes
-        assert f"trec/train: {entry['n_train']} examples" in log
-        assert entry["n_train"] == 12
-        assert "trec/validation: 12 examples" in log  # the test file, as the evaluated split
-        config = json.loads((cell / "config.json").read_text())
-        assert config["tasks"]["trec"]["data"]["validation"].endswith("trec/test.jsonl")
-        assert config["seed"] == config["data"]["shuffle_seed"] == entry["seed"]
-        results = json.loads((cell / "results.json").read_text())
-        assert results["final_step"] == entry["steps"] == max(2, -(-entry["n_train"] // 8))
-        assert entry["value"] == results["final"]["trec"]["accuracy"]
-        assert not (cell / "checkpoints").exists()
+    name = "trec/src_run/k2_s1"
+    entry, cell = record["cells"][name], work / transfer.CELLS_DIR / name
+    assert (entry["start"], entry["from"], entry["seed"]) == ("src_run", f"src_run={source}", 1)
+    log = (cell / transfer.CELL_LOG).read_text()
+    # n_train is what the run trained on (its own log line), 2 of each of the 6 classes
+    assert f"trec/train: {entry['n_train']} examples" in log and entry["n_train"] == 12
+    assert "trec/validation: 12 examples" in log  # the test file, as the evaluated split
+    loaded = [line for line in log.splitlines() if line.startswith(f"init_from {source}")]
+    assert len(loaded) == 1 and "step 3: encoder" in loaded[0], loaded  # the source was read
+    config = json.loads((cell / "config.json").read_text())
+    assert config["tasks"]["trec"]["data"]["validation"].endswith("trec/test.jsonl")
+    assert config["seed"] == config["data"]["shuffle_seed"] == 1
+    assert config["model"]["init_from"] == f"{source}:latest"
+    results = json.loads((cell / "results.json").read_text())
+    assert results["final_step"] == entry["steps"] == max(2, -(-entry["n_train"] // 8))
+    assert entry["settings"] == dict(settings, init_from=f"{source}:latest", steps=2)
+    assert entry["value"] == results["final"]["trec"]["accuracy"]
+    assert not (cell / "checkpoints").exists()
     report = (work / transfer.REPORT).read_text()
-    values = 100 * np.array([record["cells"][f"trec/pretrained/k2_s{s}"]["value"] for s in (0, 1)])
-    assert f"| `pretrained` | {values.mean():.2f} ± {values.std(ddof=1):.2f} (2 seeds) |" in report
+    assert "| `pretrained` | 40.00 (1 seed) |" in report
+    assert f"| `src_run` | {100 * entry['value']:.2f} (1 seed) |" in report
     assert "evaluated on the whole **test** split" in report
     assert (work / transfer.TRANSFER_PLOT).exists()
 
-    mtimes = {n: (work / transfer.CELLS_DIR / n / "results.json").stat().st_mtime_ns
-              for n in record["cells"]}
+    mtime = (cell / "results.json").stat().st_mtime_ns
     proc = _transfer(*args, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("skipped") == 2 and "starting" not in proc.stdout
-    assert mtimes == {n: (work / transfer.CELLS_DIR / n / "results.json").stat().st_mtime_ns
-                      for n in record["cells"]}
-
-
-def test_end_to_end_from_a_run_directory(tmp_path):
-    """A --from cell: the source is a tiny run of the same config; the pretrained cell is seeded
-    as recorded, so only the --from cell is launched."""
-    data, work, source = write_trec(tmp_path / "data"), tmp_path / "study", tmp_path / "src"
-    config_arg = f"configs/transfer.py:tiny,tasks=trec,data_dir={data}"
-    proc = subprocess.run([sys.executable, "-m", "mtl_jax.main", f"--config={config_arg}",
-                           f"--workdir={source}"], cwd=REPO, env=main_env(devices=1),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    settings = {"config_arg": f"tiny,data_dir={data},tasks=trec", "overrides": {}}
-    work.mkdir()
-    seeded = dict(_entry("trec", "pretrained", 2, 0, 0.4, n_train=12), settings=settings)
-    (work / transfer.RECORD).write_text(json.dumps({"protocol": {},
-                                                    "cells": {"trec/pretrained/k2_s0": seeded}}))
-    proc = _transfer(f"--config={config_arg}", f"--workdir={work}", f"--from=src_run={source}",
-                     "--shots=2", "--seeds=0")
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
-    assert "trec/pretrained/k2_s0: recorded in transfer.json, skipped" in proc.stdout
-    cell = work / transfer.CELLS_DIR / "trec/src_run/k2_s0"
-    entry = json.loads((work / transfer.RECORD).read_text())["cells"]["trec/src_run/k2_s0"]
-    assert (entry["start"], entry["from"], entry["n_train"]) == ("src_run", f"src_run={source}", 12)
-    assert json.loads((cell / "config.json").read_text())["model"]["init_from"] == (
-        f"{source}:latest")
-    loaded = [line for line in (cell / transfer.CELL_LOG).read_text().splitlines()
-              if line.startswith(f"init_from {source}")]
-    assert len(loaded) == 1 and "encoder" in loaded[0], loaded  # the source's encoder was read
-    report = (work / transfer.REPORT).read_text()
-    assert "| `pretrained` | 40.00 (1 seed) |" in report and "| `src_run` | " in report
+    assert (cell / "results.json").stat().st_mtime_ns == mtime
 
 
 @pytest.mark.parametrize("flag,message", [
     ("--task=mnli", r"error: --task=mnli: unknown task 'mnli'"),
     ("--shots=16,x", r"error: --shots=16,x: 'x' is neither a positive integer nor all"),
     ("--from=/no/such/run", r"error: --from=/no/such/run: run directory '/no/such/run' not found"),
+    # a source of another encoder size: read and mapped before any cell runs
+    ("--from=wide={wide}", r"error: model.init_from=\S+/wide:latest: encoder/\S+ has shape "
+                           r"\(.*48.*\) there and \(.*32.*\) here; initialise from a run"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, flag, message):
     data = write_cb(tmp_path / "data")
+    if "{wide}" in flag:
+        flag = flag.format(wide=save_source(tmp_path / "wide", tiny(data), "cb", hidden_size=48,
+                                            intermediate_size=96))
     proc = _transfer(f"--config=configs/transfer.py:tiny,tasks=cb,data_dir={data}",
                      f"--workdir={tmp_path / 'study'}", flag, timeout=120)
     assert proc.returncode == 2

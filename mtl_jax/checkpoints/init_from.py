@@ -1,8 +1,9 @@
 """Starting a run from another mtl_jax run's checkpoint: ``model.init_from=DIR[:best|latest|STEP]``.
 
 DIR is an mtl_jax training workdir; the suffix picks its checkpoint: ``latest`` (the default when
-omitted), ``best`` (by the source run's early-stopping metric) or a step number. Only a fresh start
-reads it (``runner.Run.init_state``); a resume restores its own checkpoint and ignores it.
+omitted), ``best`` (by the source run's early-stopping metric; an error where it kept no scored
+checkpoint) or a step number. Only a fresh start reads it (``runner.Run.init_state``); a resume
+restores its own checkpoint and ignores it.
 
 Reading: the ``config`` item of ``DIR/checkpoints/<step>/`` (the source run's resolved config:
 sharing mode, PEFT kind, tasks and their label names) and the ``params`` of its ``state`` item,
@@ -12,12 +13,13 @@ source run is needed and its optimizer state is not read.
 Mapping onto this run's fresh parameters (``model.init_params(key, pretrained=False)``):
 
   encoder  every encoder leaf that is not a PEFT leaf comes from the source's one-encoder view
-           (``ENCODER_VIEWS``, by the source's sharing mode: hard as is; soft's [T_src, ...]
-           stack averaged over tasks, or one source task's row, ``model.init_from_encoder``) and
+           (its sharing strategy's ``one_encoder``: hard as is; soft's [T_src, ...] stack
+           averaged over tasks, or one source task's row, ``model.init_from_encoder``) and
            must be there with the same shape; this run's sharing strategy then stores it as it
            stores a pretrained encoder (soft: copied to every task's row).
   PEFT     (``model.init_from_peft``) per-task leaves (adapters and LoRA inside the encoder, with
-           their task axis where ``peft_layers.TASK_AXIS`` names it; prefix embeddings) take the
+           their task axis where ``peft_layers.TASK_AXIS`` names it; top-level ones such as the
+           prefix embeddings where the PEFT kind's ``per_task_leaves`` names them) take the
            source's rows of the tasks of the same name; leaves shared by the tasks (the prefix
            MLP) are taken as they are. PEFT leaves the source lacks keep their init (a new LoRA
            on a multi-task-tuned encoder); the source's PEFT leaves this run lacks are ignored.
@@ -25,8 +27,8 @@ Mapping onto this run's fresh parameters (``model.init_params(key, pretrained=Fa
            parameter shapes; any other head (a new task, another label set) starts fresh.
 
 Any mismatch in what must match is one ``UserError`` line naming the parameter path and both
-shapes; a missing workdir, checkpoint or step is one line naming the fix. The ``log`` callback
-gets one line saying what was loaded.
+shapes; a missing workdir, checkpoint, step or best checkpoint is one line naming the fix. The
+``log`` callback gets one line saying what was loaded.
 """
 from __future__ import annotations
 
@@ -41,16 +43,13 @@ from etils import epath
 
 from mtl_jax.checkpoints.manager import CheckpointManager, _describe
 from mtl_jax.errors import UserError
+from mtl_jax.models import sharing as sharing_lib
 from mtl_jax.models import summary as summary_lib
 from mtl_jax.models.param_groups import path_str
 from mtl_jax.models.peft_layers import TASK_AXIS
-from mtl_jax.registry import Registry
 
 WHICH = ("best", "latest")  # besides a step number
 DEFAULT_WHICH = "latest"
-# Top-level PEFT parameters (beside "encoder" and "heads") stacked per task, by path -> task axis:
-# prefix.py's training form keeps one embedding row block per task and an MLP shared by all.
-PER_TASK_EXTRAS = {"prefix/embedding": 0}
 
 _CORE = ("encoder", "heads")  # every other top-level key is a PEFT kind's
 Flat = dict  # "encoder/layers/layer_0/attention/query/kernel" -> array
@@ -73,28 +72,6 @@ class Source(NamedTuple):
 
     def task(self, name: str) -> dict:
         return (self.config.get("tasks") or {}).get(name) or {}
-
-
-# --- the source's one-encoder view, by its sharing mode -------------------------------------------
-
-# sharing.mode -> fn(stored encoder tree, choice, task names) -> (one encoder's tree, description):
-# ``choice`` is model.init_from_encoder ("mean", or the name of the task whose encoder to take)
-# for a stacked encoder; an unstacked one ignores it.
-ENCODER_VIEWS: Registry[Callable] = Registry("init_from sharing mode")
-ENCODER_VIEWS.register("hard", lambda encoder, choice, tasks: (encoder, "hard"))
-
-
-@ENCODER_VIEWS.register("soft")
-def _soft_view(encoder, choice: str, tasks):
-    if choice == "mean":
-        return (jax.tree.map(lambda x: np.mean(x, axis=0, dtype=x.dtype), encoder),
-                "soft, mean over tasks")
-    if choice not in tasks:
-        raise UserError(f"model.init_from_encoder={choice!r} is neither 'mean' nor a task of "
-                        f"the soft-sharing source run (its tasks: {', '.join(tasks)}); use one "
-                        f"of those")
-    return jax.tree.map(lambda x: np.asarray(x)[tasks.index(choice)], encoder), \
-        f"soft, {choice}'s encoder"
 
 
 # --- reading the source ---------------------------------------------------------------------------
@@ -139,19 +116,30 @@ def _steps(directory: str) -> tuple[list[int], int | None]:
 def _pick_step(where, directory, which, steps, latest, config) -> int:
     if which == "latest":
         return latest
-    if which == "best":  # by the source run's own metric direction
-        manager = CheckpointManager(
-            directory, read_only=True,
-            keep_best=bool((config.get("checkpoint") or {}).get("keep_best", True)),
-            best_mode=(config.get("train") or {}).get("early_stopping_mode", "max"))
-        try:
-            return manager.best_step() or latest
-        finally:
-            manager.close()
+    if which == "best":
+        return _best_step(where, directory, steps, config)
     if int(which) not in steps:
         raise UserError(f"{where}: {directory} has no checkpoint at step {which} (it has steps "
                         f"{', '.join(map(str, steps))}); use one of those, :latest or :best")
     return int(which)
+
+
+def _best_step(where, directory, steps, config) -> int:
+    """The source's best checkpoint by its own metric direction; never silently the latest."""
+    best = None
+    if (config.get("checkpoint") or {}).get("keep_best", True):  # else orbax answers the latest
+        manager = CheckpointManager(
+            directory, read_only=True,
+            best_mode=(config.get("train") or {}).get("early_stopping_mode", "max"))
+        try:
+            best = manager.best_step()  # None: no checkpoint was saved with a metric
+        finally:
+            manager.close()
+    if best is None:
+        raise UserError(f"{where}: {directory} has no best checkpoint (checkpoint.keep_best was "
+                        f"off there or no checkpoint was scored); use :latest or a step "
+                        f"({', '.join(map(str, steps))})")
+    return best
 
 
 def _params_args(handler, path):
@@ -220,11 +208,11 @@ class _Mapper:
         one-encoder tree, then stored by this run's sharing strategy."""
         model, source = self.model, self.source
         mode = (source.config.get("sharing") or {}).get("mode", "hard")
-        source_one, described = ENCODER_VIEWS.get(mode)(
+        source_one, described = sharing_lib.STRATEGIES.get(mode).one_encoder(
             source.params["encoder"], self.m.init_from_encoder, source.tasks)
         # This run's fresh stack (if any) has identical rows, copies of one encoder: take row 0.
         names = [s.name for s in model.specs]
-        fresh_one, _ = ENCODER_VIEWS.get(model.sharing)(fresh_encoder, names[0], names)
+        fresh_one, _ = model.sharing_strategy.one_encoder(fresh_encoder, names[0], names)
         there, used = _flat(source_one), set()
 
         def leaf(path, fresh):
@@ -277,10 +265,11 @@ class _Mapper:
     def extras(self, fresh) -> dict:
         """The top-level PEFT parameters (prefix) beside "encoder" and "heads"."""
         there = _flat({k: v for k, v in self.source.params.items() if k not in _CORE})
+        task_axes = dict(self.model.peft_method.per_task_leaves)  # path -> its task axis
 
         def leaf(path, x):
             name = path_str(path)
-            return self._peft_leaf(name, x, there.get(name), PER_TASK_EXTRAS.get(name))
+            return self._peft_leaf(name, x, there.get(name), task_axes.get(name))
 
         return jax.tree_util.tree_map_with_path(
             leaf, {k: v for k, v in fresh.items() if k not in _CORE})

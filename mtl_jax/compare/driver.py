@@ -7,7 +7,7 @@ import shlex
 import signal
 import subprocess
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 from mtl_jax import cli
 from mtl_jax.compare.plan import (INIT_FROM, RUN_FACTS, RUNS_DIR, child_command,
@@ -138,24 +138,45 @@ def _run_setup(config, config_file, setup, run_dir, user, launch, count_params, 
                      **merged_overrides(setup, user),
                      **init_from_override(setup, RUNS_DIR)}.items()})  # DIR-relative
     write_json(facts_path, facts)
-    log(f"[compare] {setup.name}: {'resuming' if facts.get('launches') else 'starting'} "
-        f"(log: {os.path.join(run_dir, 'compare.log')})")
+    job = launch_job(setup.name, command, os.path.join(run_dir, "compare.log"), facts_path, facts,
+                     launch, log)
+    if job.stopped:
+        return job.stopped
+    done = job.code == 0 and os.path.exists(os.path.join(run_dir, "results.json"))
+    status = "done" if done else f"failed (exit {job.code})"
+    log(f"[compare] {setup.name}: {status} in {time.time() - job.start:.0f}s")
+    return status
+
+
+class Job(NamedTuple):
+    """One finished launch: its exit code, and its status when a signal stopped it."""
+
+    code: int
+    stopped: str  # "stopped (signal N)" (the driver's) or "stopped (exit 75)" (the job's); "" else
+    start: float  # time.time() at the launch
+
+
+def launch_job(name: str, command: list, log_path: str, facts_path: str, facts: dict,
+               launch: Launcher, log: Callable[[str], None], prefix: str = "[compare]",
+               detail: str = "") -> Job:
+    """Launches one run's job (a fresh start or a resume; compare's setups, transfer's cells),
+    its launch recorded in ``facts`` (also when stopped: its wall time counts); a stop is logged
+    with how to resume. Whether the run finished is the caller's to judge."""
+    log(f"{prefix} {name}: {'resuming' if facts.get('launches') else 'starting'}{detail} "
+        f"(log: {log_path})")
     start = time.time()
     try:
-        code = launch(command, os.path.join(run_dir, "compare.log"))
+        code = launch(command, log_path)
     except Stopped as stop:  # the launch still counts: its wall time is part of the run's
         record_launch(facts_path, facts, stop.returncode, start)
-        log(f"[compare] {setup.name}: stopped by signal {stop.signum} after "
+        log(f"{prefix} {name}: stopped by signal {stop.signum} after "
             f"{time.time() - start:.0f}s; its job saved a checkpoint; rerun the same command "
             "to resume")
-        return f"stopped (signal {stop.signum})"
+        return Job(stop.returncode, f"stopped (signal {stop.signum})", start)
     record_launch(facts_path, facts, code, start)
     if code == STOPPED_EXIT_CODE:  # the job alone was signalled: checkpointed, resumable
-        log(f"[compare] {setup.name}: its job was stopped by a signal after "
+        log(f"{prefix} {name}: its job was stopped by a signal after "
             f"{time.time() - start:.0f}s and saved a checkpoint; rerun the same command to "
             "resume")
-        return f"stopped (exit {code})"
-    done = code == 0 and os.path.exists(os.path.join(run_dir, "results.json"))
-    status = "done" if done else f"failed (exit {code})"
-    log(f"[compare] {setup.name}: {status} in {time.time() - start:.0f}s")
-    return status
+        return Job(code, f"stopped (exit {code})", start)
+    return Job(code, "", start)

@@ -11,6 +11,9 @@ as pure functions, so ``MultiTaskModel`` never tests the kind's name:
   init_params(rng, peft_config, num_tasks, encoder_config) -> dict
       extra top-level parameters beside "encoder" and "heads" (prefix: {"prefix": ...})
   batch_prefix(params, batch) -> attention.Prefix | None   per-example prefix keys/values
+  per_task_leaves: ((path, task axis), ...)                which of init_params' leaves are
+      stacked per task ("prefix/embedding": [T, P, d]); the others are shared by the tasks.
+      Encoder PEFT leaves name their task axis in their logical specs (TASK_AXIS) instead.
   freezes_checkpoint: bool                                  the default optimizer groups freeze
       the pretrained checkpoint (summary.FROZEN_BY_PEFT) and train the heads and the PEFT params
 """
@@ -192,6 +195,7 @@ class PeftKind:
     freezes_checkpoint: bool = True
     init_params: Callable[[Any, Any, int, EncoderConfig], dict] = _no_params
     batch_prefix: Callable[[Any, Mapping[str, Any]], Optional[Prefix]] = _no_prefix
+    per_task_leaves: tuple[tuple[str, int], ...] = ()  # a tuple: the entry stays hashable
 
 
 PEFT_KINDS: Registry[PeftKind] = Registry("peft kind")
@@ -226,7 +230,9 @@ def _gather_prefix(params, batch) -> Prefix:
 
 
 PEFT_KINDS.register("none", PeftKind(encoder_overrides=_no_overrides, freezes_checkpoint=False))
+# prefix.py's training form: one embedding row block per task, an MLP shared by all
 PEFT_KINDS.register("prefix", PeftKind(encoder_overrides=_no_overrides, init_params=_init_prefix,
-                                       batch_prefix=_gather_prefix))
+                                       batch_prefix=_gather_prefix,
+                                       per_task_leaves=(("prefix/embedding", 0),)))
 PEFT_KINDS.register("adapter", PeftKind(encoder_overrides=_adapter_overrides))
 PEFT_KINDS.register("lora", PeftKind(encoder_overrides=_lora_overrides))

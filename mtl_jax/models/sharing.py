@@ -13,6 +13,11 @@ functions (no state, no Python side effects, safe under jit/vmap/eval_shape):
       batch belongs to one task (data.batch_mode homogeneous or stacked).
   penalty(encoder_params, sharing_config) -> float32 scalar
       Added to the loss by the train step (``aux["soft_penalty"]``), lambda already applied.
+  one_encoder(stored_encoder, choice, task_names) -> (one encoder's params, description)
+      The inverse view of ``init_encoder``, on host arrays (``checkpoints/init_from.py`` reads a
+      source run's encoder through its strategy): ONE encoder's tree from what the model stored;
+      ``choice`` (``model.init_from_encoder``) is "mean" or the name of the task whose encoder
+      to take where the strategy stores several, ``task_names`` the stored tasks in index order.
   encoder_spec(path, spec) -> PartitionSpec                         (default: ``spec`` as is)
       Logical axis names of the stored leaf at ``path`` (key path inside params["encoder"])
       given ``spec``, the one-encoder leaf's names at that path (PartitionSpec() if none).
@@ -33,10 +38,11 @@ adapters, ...) is one more entry here, with its math in its own module as soft_s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from mtl_jax.errors import UserError
@@ -64,6 +70,7 @@ class SharingStrategy:
     init_encoder: Callable[[Any, Any, int], Any]
     encode: Callable[[RunEncoder, Any, Mapping[str, Any], bool], EncoderOutputs]
     penalty: Callable[[Any, Any], jax.Array]
+    one_encoder: Callable[[Any, str, Sequence[str]], tuple[Any, str]]
     encoder_spec: Callable[[tuple, PartitionSpec], PartitionSpec] = _spec_as_is
     param_labels: Callable[[Any], Any] = summary_lib.param_labels
     check_config: Callable[[Any], None] = _no_checks
@@ -92,8 +99,13 @@ def _no_penalty(encoder_params, sharing_config) -> jax.Array:
     return jnp.zeros((), jnp.float32)
 
 
+def _hard_one(encoder_params, choice: str, task_names):
+    del choice, task_names
+    return encoder_params, "hard"
+
+
 STRATEGIES.register("hard", SharingStrategy(init_encoder=_hard_init, encode=_hard_encode,
-                                            penalty=_no_penalty))
+                                            penalty=_no_penalty, one_encoder=_hard_one))
 
 
 # --- soft: one encoder per task, tied by an L2 penalty --------------------------------------------
@@ -113,6 +125,19 @@ def _soft_spec(path, spec: PartitionSpec) -> PartitionSpec:
     return PartitionSpec(None, *spec)  # the task axis is replicated
 
 
+def _soft_one(stack, choice: str, task_names):
+    """The mean of the [T, ...] stack over tasks, or one task's row (NumPy, on the host)."""
+    if choice == "mean":
+        return (jax.tree.map(lambda x: np.mean(x, axis=0, dtype=x.dtype), stack),
+                "soft, mean over tasks")
+    if choice not in task_names:
+        raise UserError(f"model.init_from_encoder={choice!r} is neither 'mean' nor a task of "
+                        f"the soft-sharing source run (its tasks: {', '.join(task_names)}); use "
+                        f"one of those")
+    row = list(task_names).index(choice)
+    return jax.tree.map(lambda x: np.asarray(x)[row], stack), f"soft, {choice}'s encoder"
+
+
 def _soft_checks(config) -> None:
     if config.peft.kind != "none":
         raise UserError("sharing.mode=soft trains one full encoder per task; set peft.kind=none "
@@ -122,5 +147,5 @@ def _soft_checks(config) -> None:
 
 STRATEGIES.register("soft", SharingStrategy(
     init_encoder=_soft_init, encode=soft_sharing.encode, penalty=_soft_penalty,
-    encoder_spec=_soft_spec, check_config=_soft_checks,
+    one_encoder=_soft_one, encoder_spec=_soft_spec, check_config=_soft_checks,
     encoder_share=lambda num_tasks: 1.0 / num_tasks))

@@ -20,7 +20,8 @@ of an episode (K * S' * b per outer step).
 
 ``reptile`` / ``fomaml`` only need ``grad_fn(leaves, sub_batch, key) -> (loss, grads, aux)``;
 ``make_meta_step`` builds it from the model's per-task losses (global over devices through the
-``Reducer``, as in the standard step) and adds the outer update, the metrics and the NaN policy.
+``Reducer``, as in the standard step) and hands the outer gradient to the standard step's tail,
+``step.apply_step_grads`` (the update, the NaN policy, the metrics).
 """
 from __future__ import annotations
 
@@ -165,27 +166,16 @@ def make_meta_step(model, config, outer_fn, reducer: step_lib.Reducer = step_lib
     names = task_names(model)
     loss_fn = step_lib.make_loss_fn(model)
     inner_tx = inner_optimizer(config)
-    skip_bad = config.train.nan_policy == "skip"
+    skip_bad = step_lib.skips_bad_steps(config)
 
     def train_step(state: TrainState, batch, rng):
-        rng = jax.random.fold_in(rng, state.step)
-        if reducer.axis_name is not None:  # distinct dropout per device
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(reducer.axis_name))
+        rng = step_lib.step_rng(rng, state, reducer)
         split = step_lib.Split.of(state.params, state.optimizer.trainable_mask())
         keys = episode_keys(rng, *batch["task_id"].shape[:2])
         out = outer_fn(task_grad_fn(loss_fn, reducer, state.params, split),
                        split.take(state.params), batch, keys, inner_tx)
-        logged = logged_losses(out, state.weighting_state)
-        grads = split.full_grads(state.params, out.grads)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(logged.total) & jnp.isfinite(grad_norm)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        if skip_bad:  # keep the old params/optimizer state on a non-finite step
-            kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                (new.params, new.opt_state), (state.params, state.opt_state))
-            new = new.replace(params=kept[0], opt_state=kept[1])
-        return new, step_lib._metrics(state, names, logged, grad_norm, finite)
+        # The weighting state passes through unchanged (meta-learning weighs tasks equally).
+        return step_lib.apply_step_grads(state, split, logged_losses(out, state.weighting_state),
+                                         names, skip_bad)
 
     return train_step

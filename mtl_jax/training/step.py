@@ -293,10 +293,42 @@ def _leaf_masks(params, labels, split, config, weighting):
 NAN_POLICIES = ("stop", "skip")
 
 
-def _check_config(config):
-    if config.train.nan_policy not in NAN_POLICIES:  # also checked by validate, for bench/tests
+def skips_bad_steps(config) -> bool:
+    """``train.nan_policy`` for a step body: True = a non-finite step keeps the old state. The
+    one check of the name besides validate's (bench and tests build steps without validate)."""
+    if config.train.nan_policy not in NAN_POLICIES:
         raise UserError(f"unknown train.nan_policy {config.train.nan_policy!r}; "
                         f"valid: {', '.join(NAN_POLICIES)}")
+    return config.train.nan_policy == "skip"
+
+
+def step_rng(rng, state, reducer: Reducer):
+    """The step's dropout key: ``rng`` folded with the step (and the device, on shards)."""
+    rng = jax.random.fold_in(rng, state.step)
+    if reducer.axis_name is not None:  # distinct dropout per device
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(reducer.axis_name))
+    return rng
+
+
+def apply_step_grads(state: TrainState, split: Split, out: StepGrads, names, skip_bad: bool):
+    """The end of every step body: the run's optimizer applies ``out.grads`` (trainable leaves;
+    frozen ones get zeros), the NaN policy, the metrics -> (new state, metrics)."""
+    grads = split.full_grads(state.params, out.grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(out.total) & jnp.isfinite(grad_norm)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        weighting_state=out.weighting_state)
+    if skip_bad:  # keep the old params/optimizer/weighting state on a non-finite step
+        kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                            (new.params, new.opt_state, new.weighting_state),
+                            (state.params, state.opt_state, state.weighting_state))
+        new = new.replace(params=kept[0], opt_state=kept[1], weighting_state=kept[2])
+    return new, step_metrics(state, names, out, grad_norm, finite)
+
+
+def _check_config(config):
     weighting = weighting_lib.get(config)
     if weighting.uses_task_grads and config.data.batch_mode != "stacked":
         raise UserError(f"weighting.name={config.weighting.name} needs per-task gradients; "
@@ -314,29 +346,15 @@ def make_train_step(model, config, reducer: Reducer = Reducer(), gram_fn=None):
     weighting = _check_config(config)
     names = task_names(model)
     loss_fn = make_loss_fn(model)
-    skip_bad = config.train.nan_policy == "skip"
+    skip_bad = skips_bad_steps(config)
     make_grads_fn = _GRADS_FNS[type(weighting)]  # the weighting's kind picks the gradient path
     grads_fn = make_grads_fn(model, config, weighting, loss_fn, reducer, gram_fn, names)
 
     def train_step(state: TrainState, batch, rng):
-        rng = jax.random.fold_in(rng, state.step)
-        if reducer.axis_name is not None:  # distinct dropout per device
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(reducer.axis_name))
+        rng = step_rng(rng, state, reducer)
         split = Split.of(state.params, state.optimizer.trainable_mask())
-        out = grads_fn(state, split, batch, rng)
-        grads = split.full_grads(state.params, out.grads)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(out.total) & jnp.isfinite(grad_norm)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            weighting_state=out.weighting_state)
-        if skip_bad:  # keep the old params/optimizer/weighting state on a non-finite step
-            kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                (new.params, new.opt_state, new.weighting_state),
-                                (state.params, state.opt_state, state.weighting_state))
-            new = new.replace(params=kept[0], opt_state=kept[1], weighting_state=kept[2])
-        return new, _metrics(state, names, out, grad_norm, finite)
+        return apply_step_grads(state, split, grads_fn(state, split, batch, rng), names,
+                                skip_bad)
 
     return train_step
 
@@ -430,7 +448,9 @@ _GRADS_FNS = {weighting_lib.LossWeighting: _loss_weighting_step,
               weighting_lib.MetaWeighting: _meta_weighting_step}
 
 
-def _metrics(state, names, out: StepGrads, grad_norm, finite):
+def step_metrics(state, names, out: StepGrads, grad_norm, finite) -> dict:
+    """The step's device-scalar metrics (``train/loss``, ``train/loss/<task>``, ...: the list
+    is in docs/architecture.md, Training); ``state`` is the state before the update."""
     lrs = state.optimizer.learning_rates(state.step)
     m = {"train/loss": out.total, "train/grad_norm": grad_norm,
          "train/soft_penalty": out.penalty, "train/finite": finite,

@@ -11,8 +11,11 @@ run directory ``DIR/cells/<task>/<start>/k<k>_s<seed>``, trained by ``python -m 
 a subprocess (its log: transfer.log there). When it finishes, its result goes into
 ``DIR/transfer.json`` (atomically) and its checkpoints are deleted. Running the command again
 resumes: recorded cells are skipped, a half-done one is relaunched (and resumes from its
-checkpoint); SIGTERM or Ctrl-C stops the study once the running job has saved. Then
-``DIR/report.md`` and ``DIR/transfer.png`` are written from transfer.json alone.
+checkpoint); a recorded or half-done cell made with other settings (config arg, overrides, --from
+source, step budget) is refused before anything runs, and so is a --from source that does not fit
+the cells' model (read and mapped, dry, first). SIGTERM or Ctrl-C stops the study once the running
+job has saved. Then ``DIR/report.md`` and ``DIR/transfer.png`` (the metric against the number of
+train examples) are written from transfer.json alone.
 ``--publish=docs/transfer`` copies transfer.json, the report, its plot and each cell's small files
 there; ``cp docs/transfer/transfer.json DIR2/`` seeds a study that continues elsewhere.
 ``--config.*`` overrides given here go to every cell's run (``tasks.<t>.*`` only to t's cells).
@@ -63,7 +66,8 @@ def main(argv: list[str]) -> None:
         if _REPORT_ONLY.value:
             print(f"[transfer] wrote {report.write_report(_WORKDIR.value)}")
             return
-        plan.check_starts(config, starts)
+        _quiet_library_logs()
+        plan.check_starts(config, starts, cells[0].task)
         statuses = driver.run_transfer(config, _config_file(), _WORKDIR.value, cells,
                                        _user_overrides())
         _finish(statuses)
@@ -74,6 +78,18 @@ def _cells(config) -> tuple[list, list]:
     shots, seeds = plan.parse_shots(_SHOTS.value), plan.parse_seeds(_SEEDS.value)
     starts = plan.parse_starts(_FROM.value)
     return plan.plan_cells(tasks, starts, shots, seeds, _ALL_SEEDS.value), starts
+
+
+def _quiet_library_logs() -> None:
+    """As a training job: orbax logs every checkpoint read (check_starts reads each --from) at
+    INFO, and a failed one with a traceback that init_from reports in one line itself."""
+    from absl import logging as absl_logging
+
+    from mtl_jax.training import runner
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    if not _VERBOSE.value:
+        runner.quiet_library_logs()
 
 
 def _config_file() -> str:

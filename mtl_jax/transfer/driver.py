@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import time
 from typing import Callable, Mapping, Sequence
 
-from mtl_jax.compare.driver import Stopped, record_launch, subprocess_launcher
+from mtl_jax.compare.driver import launch_job, subprocess_launcher
 from mtl_jax.compare.plan import read_json, with_tasks
-from mtl_jax.errors import STOPPED_EXIT_CODE, UserError
+from mtl_jax.errors import UserError
 from mtl_jax.training.workdir import write_json
 from mtl_jax.transfer.plan import (CELL_FACTS, CELL_LOG, CELLS_DIR, RECORD, Cell, TrainSizes,
                                    budget, child_command, formatted, protocol_text,
@@ -56,13 +55,16 @@ def run_transfer(config, config_file: str, workdir: str, cells: Sequence[Cell],
     """Runs every cell not recorded yet, then writes the report; returns cell name -> status
     ("skipped", "done", "failed (...)", or "stopped (...)" when a signal ended the study).
     A cell's training job exiting 2 (a user error, which every later cell would repeat) ends the
-    study too."""
+    study too. Cells recorded (or launched) with other settings are refused before anything is
+    written or launched."""
     workdir = os.path.abspath(workdir)
     record = load_record(workdir)
-    update_protocol(record, config, user)
-    save_record(workdir, record)
     study = _Study(config, os.path.abspath(config_file), workdir, dict(user), record,
                    TrainSizes(config), launch, log)
+    for cell in cells:
+        study.check_settings(cell)
+    update_protocol(record, config, user)
+    save_record(workdir, record)
     statuses = {}
     for cell in cells:
         statuses[cell.name] = status = study.run(cell)
@@ -88,9 +90,8 @@ class _Study:
 
     def run(self, cell: Cell) -> str:
         """Skips a recorded cell, else trains it (a fresh start or a resume) and records it."""
-        cell_dir = os.path.join(self.workdir, CELLS_DIR, cell.name)
+        cell_dir = self._dir(cell)
         if cell.name in self.record["cells"]:
-            self._check_settings(self.record["cells"][cell.name], cell)
             _remove_checkpoints(cell_dir)  # a driver killed between recording and deleting
             self.log(f"[transfer] {cell.name}: recorded in {RECORD}, skipped")
             return "skipped"
@@ -99,7 +100,7 @@ class _Study:
         steps = budget(self.config, n_train)
         facts_path = os.path.join(cell_dir, CELL_FACTS)
         facts = read_json(facts_path) or {}
-        facts.update(cell=cell.name, n_train=n_train, steps=steps,
+        facts.update(cell=cell.name, n_train=n_train, steps=steps, settings=self.settings(cell),
                      command=child_command(self.config_file, self.config.transfer.args, cell,
                                            cell_dir, steps, self.user))
         write_json(facts_path, facts)
@@ -111,39 +112,54 @@ class _Study:
             results = _finished_results(cell_dir, steps)
         return self._record(cell, cell_dir, results, facts)
 
-    def settings(self, cell: Cell) -> dict:
-        """What must match for a recorded cell to stand for this invocation's."""
-        return {"config_arg": with_tasks(self.config.transfer.args, (cell.task,)),
-                "overrides": formatted(user_overrides(cell.task, self.user))}
+    def _dir(self, cell: Cell) -> str:
+        return os.path.join(self.workdir, CELLS_DIR, cell.name)
 
-    def _check_settings(self, entry: dict, cell: Cell) -> None:
-        now = self.settings(cell)
-        then = entry.get("settings", now)
-        if then != now:
-            raise UserError(f"{RECORD} has {cell.name} run with {then}, not this invocation's "
-                            f"{now}; rerun with those settings or use another --workdir")
+    def settings(self, cell: Cell, steps: bool = True) -> dict:
+        """What must match for a recorded (or half-done) cell to stand for this invocation's:
+        the cell's config and the user's overrides, its starting point and (unless ``steps`` is
+        False: no data read) its budget."""
+        out = {"config_arg": with_tasks(self.config.transfer.args, (cell.task,)),
+               "overrides": formatted(user_overrides(cell.task, self.user)),
+               "init_from": cell.start.init_from}
+        if steps:
+            out["steps"] = budget(self.config, self.sizes(cell))
+        return out
+
+    def check_settings(self, cell: Cell) -> None:
+        """A recorded cell, or an unrecorded one whose run would be resumed or recorded (its
+        cell.json), made with other settings than this invocation's is one error line. Only the
+        settings the record has are compared (older records lack init_from and steps: made with
+        the same defaults)."""
+        entry = self.record["cells"].get(cell.name)
+        facts = None if entry or not _has_state(self._dir(cell)) else read_json(
+            os.path.join(self._dir(cell), CELL_FACTS))
+        then = (entry or facts or {}).get("settings") or {}
+        if not then:
+            return
+        now = self.settings(cell, steps="steps" in then)
+        differ = [f"{key}={then[key]!r} (now {now[key]!r})" for key in now
+                  if key in then and then[key] != now[key]]
+        if not differ:
+            return
+        if entry:
+            raise UserError(f"{RECORD} has {cell.name} run with {', '.join(differ)}; rerun with "
+                            f"those settings or use another --workdir")
+        raise UserError(f"{CELLS_DIR}/{cell.name} was started with {', '.join(differ)}; rerun "
+                        f"with those settings, use another --workdir, or delete "
+                        f"{self._dir(cell)}")
 
     def _launch(self, cell: Cell, cell_dir: str, facts_path: str, facts: dict) -> str | None:
         """Runs the cell's job; None when it finished, else the cell's status."""
         log_path = os.path.join(cell_dir, CELL_LOG)
-        self.log(f"[transfer] {cell.name}: {'resuming' if facts.get('launches') else 'starting'}"
-                 f", {facts['n_train']} train examples, {facts['steps']} steps (log: {log_path})")
-        start = time.time()
-        try:
-            code = self.launch(facts["command"], log_path)
-        except Stopped as stop:  # the launch still counts: its wall time is part of the cell's
-            record_launch(facts_path, facts, stop.returncode, start)
-            self.log(f"[transfer] {cell.name}: stopped by signal {stop.signum}; its job saved a "
-                     "checkpoint; rerun the same command to resume")
-            return f"stopped (signal {stop.signum})"
-        record_launch(facts_path, facts, code, start)
-        if code == STOPPED_EXIT_CODE:
-            self.log(f"[transfer] {cell.name}: its job was stopped by a signal and saved a "
-                     "checkpoint; rerun the same command to resume")
-            return f"stopped (exit {code})"
-        if code != 0 or _finished_results(cell_dir, facts["steps"]) is None:
-            self.log(f"[transfer] {cell.name}: failed (exit {code}); see {log_path}")
-            return f"failed (exit {code})"
+        job = launch_job(cell.name, facts["command"], log_path, facts_path, facts, self.launch,
+                         self.log, prefix="[transfer]",
+                         detail=f", {facts['n_train']} train examples, {facts['steps']} steps")
+        if job.stopped:
+            return job.stopped
+        if job.code != 0 or _finished_results(cell_dir, facts["steps"]) is None:
+            self.log(f"[transfer] {cell.name}: failed (exit {job.code}); see {log_path}")
+            return f"failed (exit {job.code})"
         return None
 
     def _record(self, cell: Cell, cell_dir: str, results: dict, facts: dict) -> str:
@@ -167,6 +183,12 @@ class _Study:
 
 def _remove_checkpoints(cell_dir: str) -> None:
     shutil.rmtree(os.path.join(cell_dir, "checkpoints"), ignore_errors=True)
+
+
+def _has_state(cell_dir: str) -> bool:
+    """Whether a launch of the cell would resume (a checkpoint) or record (results) a run."""
+    return any(os.path.exists(os.path.join(cell_dir, name))
+               for name in ("checkpoints", "results.json"))
 
 
 def _finished_results(cell_dir: str, steps: int) -> dict | None:

@@ -151,33 +151,96 @@ def plan_cells(tasks: Sequence[str], starts: Sequence[Start], shots: Sequence, s
             for seed in (seeds if k != ALL or all_seeds else seeds[:1])]
 
 
-def check_starts(config, starts: Sequence[Start]) -> None:
-    if any(s.path for s in starts) and "init_from" not in config.model:
+def check_starts(config, starts: Sequence[Start], task: str) -> None:
+    """Reads every ``--from`` source and maps it, dry, onto the fresh params of a model built from
+    the config of a cell of ``task`` (as ``model.init_from`` maps it at the cell's start): an
+    incompatible source (another encoder size or vocabulary, other PEFT) is its one init_from
+    error line now, before any cell runs. Nothing is trained, compiled or initialised: the fresh
+    params are zeros of the model's ``pretrained=False`` parameter shapes (the mapping checks
+    paths and shapes only)."""
+    sources = [s for s in starts if s.path]
+    if not sources:
+        return
+    if "init_from" not in config.model:
         raise UserError("--from needs the config key model.init_from, which this config does not "
                         "have; drop --from (the pretrained cells run without it)")
+    import jax
+
+    from mtl_jax.checkpoints import init_from
+    from mtl_jax.models.multitask import build_model
+
+    cell = task_config(config, task)
+    model = _ShapesOnly(build_model(cell, [_task_spec(cell, task)]))
+    rng = jax.random.key(cell.seed)
+    for start in sources:
+        source = init_from.read_source(start.init_from)
+        init_from.load(model, cell, source, rng)  # raises on any mismatch; the result is dropped
+        del source  # the source's params (MiniLM: ~90 MB) before the next one is read
+
+
+class _ShapesOnly:
+    """A model whose ``init_params`` gives zeros of its parameter shapes (``abstract_params``:
+    traced, not compiled or run; a MiniLM random init is a compile of seconds)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def init_params(self, rng, pretrained: bool | None = None):
+        del rng, pretrained
+        import jax
+        import numpy as np
+
+        return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self._model.abstract_params())
+
+
+def task_config(config, task: str):
+    """The config a cell of ``task`` trains with, as far as its model goes: that task only."""
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        for name in [t for t in c.tasks.keys() if t != task]:
+            del c.tasks[name]
+    return c
+
+
+def _task_spec(config, task: str):
+    """The TaskSpec the cell's run builds (its only task: index 0; label names as the pipeline
+    resolves them, from the train split when the definition names none)."""
+    from mtl_jax.data import readers
+    from mtl_jax.data.pipeline import resolve_label_names
+    from mtl_jax.tasks.definitions import task_definitions
+    from mtl_jax.tasks.spec import TaskSpec
+    from mtl_jax.tasks.types import TASK_TYPES
+
+    definition = task_definitions(config)[task]
+    task_type = TASK_TYPES.get(definition.type)
+    rows = ({} if definition.label_names or not task_type.uses_label_names
+            else {"train": readers.read_split(task, "train", definition)})
+    names = resolve_label_names(task, definition, task_type, rows)
+    return TaskSpec(task, definition.type, task_type.num_labels(names), 0, names)
 
 
 class TrainSizes:
-    """``sizes(cell)`` -> the number of train examples the cell's run trains on: the k-shot
-    subset drawn by the data pipeline's own function, from the task's train split read once."""
+    """``sizes(cell)`` -> the number of train examples the cell's run trains on: the task's train
+    examples as the data pipeline keeps them (``train_examples``) under the cell's k-shot keys."""
 
     def __init__(self, config):
-        self.config = copy.deepcopy(config)
-        with self.config.unlocked():
-            for task in self.config.tasks.values():
-                task.k_shot = 0
-        self._examples: dict[str, list] = {}
+        self.config = config
+        self._sizes: dict[tuple, int] = {}
 
     def __call__(self, cell: Cell) -> int:
-        from mtl_jax.data.kshot import k_shot
         from mtl_jax.data.pipeline import train_examples
 
-        if cell.task not in self._examples:
-            self._examples[cell.task] = train_examples(self.config, cell.task)
-        examples = self._examples[cell.task]
-        if cell.k == ALL:
-            return len(examples)
-        return len(k_shot(examples, cell.k, cell.seed)[0])
+        key = (cell.task, cell.k, cell.seed)
+        if key not in self._sizes:
+            c = copy.deepcopy(self.config)
+            with c.unlocked():
+                for name, value in subset_overrides(cell).items():
+                    c.tasks[cell.task][name.rpartition(".")[2]] = value
+            self._sizes[key] = len(train_examples(c, cell.task))
+        return self._sizes[key]
 
 
 def budget(config, n_train: int) -> int:
@@ -189,14 +252,19 @@ def budget(config, n_train: int) -> int:
 def cell_overrides(cell: Cell, steps: int) -> dict:
     """What makes the cell's run: its seed (the init, the batch order and the subset), its k,
     its budget (one evaluation and one checkpoint, at the end) and its starting point."""
-    t = cell.task
-    overrides = {"seed": cell.seed, "data.shuffle_seed": cell.seed,
-                 f"tasks.{t}.k_shot": 0 if cell.k == ALL else cell.k,
-                 f"tasks.{t}.k_shot_seed": cell.seed, "train.num_steps": steps,
-                 "train.eval_every": steps, "train.checkpoint_every": steps}
+    overrides = {"seed": cell.seed, "data.shuffle_seed": cell.seed, **subset_overrides(cell),
+                 "train.num_steps": steps, "train.eval_every": steps,
+                 "train.checkpoint_every": steps}
     if cell.start.path:
         overrides["model.init_from"] = cell.start.init_from
     return overrides
+
+
+def subset_overrides(cell: Cell) -> dict:
+    """The keys that pick the cell's train subset (TrainSizes counts it with the same keys)."""
+    t = cell.task
+    return {f"tasks.{t}.k_shot": 0 if cell.k == ALL else cell.k,
+            f"tasks.{t}.k_shot_seed": cell.seed}
 
 
 def user_overrides(task: str, user: Mapping[str, object]) -> dict:

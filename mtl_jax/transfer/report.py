@@ -29,12 +29,12 @@ def read_record(workdir: str) -> dict:
     return record
 
 
-def group(cells: Mapping[str, dict]) -> Grouped:
-    """task -> start -> k -> the cell values over seeds (in seed order)."""
+def group(cells: Mapping[str, dict], field: str = "value") -> Grouped:
+    """task -> start -> k -> the cells' ``field`` (value, n_train) over seeds (in seed order)."""
     out: Grouped = {}
     for entry in sorted(cells.values(), key=lambda e: e["seed"]):
         by_k = out.setdefault(entry["task"], {}).setdefault(entry["start"], {})
-        by_k.setdefault(entry["k"], []).append(float(entry["value"]))
+        by_k.setdefault(entry["k"], []).append(float(entry[field]))
     return out
 
 
@@ -75,16 +75,16 @@ def task_table(by_start: Mapping[str, dict], full_size: int | None = None) -> st
     return "\n".join(lines)
 
 
-def _point(k, values: list, full_size: int | None) -> tuple:
-    """(x, tick label, values) of one k: ``all`` at the task's full train size."""
-    if k == ALL:
-        return full_size, f"{ALL}\n(n={full_size})", values
-    return k, str(k), values
+def _point(k, values: list, n_train: list) -> tuple:
+    """(x, tick label, values) of one k: x is the number of train examples the cells trained on
+    (mean over seeds; k per class times the classes, fewer where a class has fewer than k)."""
+    return float(np.mean(n_train)), ALL if k == ALL else f"k={k}", values
 
 
-def plot_series(grouped: Grouped, sizes: Mapping[str, int]) -> dict:
-    """task -> [(start, [(x, tick label, values over seeds)])], for plots.plot_transfer."""
-    return {task: [(start, [_point(k, by_start[start][k], sizes.get(task))
+def plot_series(grouped: Grouped, n_train: Grouped) -> dict:
+    """task -> [(start, [(x, tick label, values over seeds)])], for plots.plot_transfer;
+    ``n_train``: ``group(cells, "n_train")``."""
+    return {task: [(start, [_point(k, by_start[start][k], n_train[task][start][k])
                             for k in k_order(by_start[start])])
                    for start in start_order(by_start)]
             for task, by_start in grouped.items()}
@@ -117,9 +117,9 @@ def write_report(workdir: str) -> str:
         lines += [f"## {task} ({metric}; {_split_text(evaluated.get(task, 'validation'))})", "",
                   task_table(grouped[task], sizes.get(task)), ""]
     if tasks:
-        plot_transfer(plot_series({t: grouped[t] for t in tasks}, sizes), metrics,
-                      os.path.join(workdir, TRANSFER_PLOT))
-        lines += [f"![metric against k]({TRANSFER_PLOT})", ""]
+        plot_transfer(plot_series({t: grouped[t] for t in tasks}, group(cells, "n_train")),
+                      metrics, os.path.join(workdir, TRANSFER_PLOT))
+        lines += [f"![metric against the number of train examples]({TRANSFER_PLOT})", ""]
     lines += ["## Starting points", "", f"- `{PRETRAINED}`: the plain encoder (no init_from)"]
     starts = {e["start"]: e.get("from", "") for e in cells.values() if e["start"] != PRETRAINED}
     lines += [f"- `{label}`: `--from={given}`" for label, given in sorted(starts.items())]
