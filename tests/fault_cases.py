@@ -310,7 +310,8 @@ CASES = [
          "increasing..."),
     # Names: every registry or choice, before anything is read.
     _set("weighting.name", "gradsurgery", message="error: weighting.name='gradsurgery' is not a "
-         "valid choice; use one of cagrad, dwa, equal, gradnorm, pcgrad, static, uncertainty"),
+         "valid choice; use one of cagrad, dwa, equal, gradnorm, meta, pcgrad, static, "
+         "uncertainty"),
     _set("sharing.mode", "medium", message="error: sharing.mode='medium' is not a valid choice; "
          "use one of hard, soft"),
     _set("peft.kind", "bitfit", message="error: peft.kind='bitfit' is not a valid choice..."),

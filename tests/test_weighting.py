@@ -65,7 +65,7 @@ def np_cagrad(grads, c):
 
 def test_registry_names_and_unknown():
     assert W.WEIGHTINGS.names() == sorted(
-        ["equal", "static", "uncertainty", "gradnorm", "dwa", "pcgrad", "cagrad"])
+        ["equal", "static", "uncertainty", "gradnorm", "dwa", "pcgrad", "cagrad", "meta"])
     with pytest.raises(UserError, match="valid weighting names"):
         W.WEIGHTINGS.get("gradnrom")
 
