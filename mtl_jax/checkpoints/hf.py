@@ -159,18 +159,30 @@ def random_encoder_config(family: str, vocab_size: int, **sizes) -> EncoderConfi
 
 # --- weight conversion ----------------------------------------------------------------------
 
+def _reshape_back(leaf: np.ndarray, hf_shape: tuple) -> np.ndarray:
+    return np.reshape(leaf, hf_shape)
+
+
+def _transpose_back(leaf: np.ndarray, hf_shape: tuple) -> np.ndarray:
+    """A Flax kernel [in..., out...] -> the PyTorch Linear weight [out, in]."""
+    return np.reshape(leaf, hf_shape[::-1]).T
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """How a HF tensor becomes a Flax leaf, and the HF shape that a Flax shape implies."""
+    """How a HF tensor becomes a Flax leaf, the HF shape that a Flax shape implies, and back
+    (``to_hf``, for exports to Transformers: mtl_jax/export)."""
 
     to_flax: Callable[[np.ndarray, tuple], np.ndarray]  # (hf tensor, flax shape) -> leaf
     hf_shape: Callable[[tuple], tuple]  # flax shape -> expected HF shape
+    to_hf: Callable[[np.ndarray, tuple], np.ndarray] = _reshape_back  # (leaf, hf shape) -> tensor
 
 
 COPY = Transform(lambda w, s: w, lambda s: s)
-LINEAR = Transform(lambda w, s: w.T.reshape(s), lambda s: (int(np.prod(s[1:])), s[0]))  # [in, *out]
+LINEAR = Transform(lambda w, s: w.T.reshape(s), lambda s: (int(np.prod(s[1:])), s[0]),  # [in, *out]
+                   _transpose_back)
 LINEAR_OUT = Transform(lambda w, s: w.T.reshape(s),  # output projection [heads, kv, embed]
-                       lambda s: (s[-1], int(np.prod(s[:-1]))))
+                       lambda s: (s[-1], int(np.prod(s[:-1]))), _transpose_back)
 RESHAPE = Transform(lambda w, s: w.reshape(s), lambda s: (int(np.prod(s)),))  # q/k/v bias
 
 

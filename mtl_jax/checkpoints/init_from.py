@@ -85,10 +85,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return spec, DEFAULT_WHICH
 
 
-def read_source(spec: str) -> Source:
-    """The checkpoint ``spec`` names: its step, config and params (host NumPy)."""
+def read_source(spec: str, where: str | None = None) -> Source:
+    """The checkpoint ``spec`` names: its step, config and params (host NumPy). ``where`` starts
+    every error line (default ``model.init_from=SPEC``; the export names its own flags)."""
     directory, which = parse_spec(spec)
-    where = f"model.init_from={spec}"
+    where = where or f"model.init_from={spec}"
     if "://" not in directory and not os.path.isdir(directory):
         raise UserError(f"{where}: no directory {directory}; give an mtl_jax training workdir as "
                         f"DIR[:best|latest|STEP]")
