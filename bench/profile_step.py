@@ -2,6 +2,7 @@
 train_step.py model, summed by op kind and by output shape (dense matmuls, attention, the rest).
 
   python bench/profile_step.py [--shape=minilm-l6-h384] [--batch=32] [--seq=128] [--steps=2]
+                               [--attention=xla|bnth] [--dropout=0.0]
 
 Times are per step and summed over the XLA threads that ran the ops ("thread time"); compare the
 total with the wall time to see how busy the cores were. Nothing is written to the results files.
@@ -56,12 +57,15 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--attention", default="xla", help="model.attention_impl")
+    parser.add_argument("--dropout", type=float, default=0.0, help="model.dropout")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
     shape = bench.SHAPES[args.shape]
-    model, state, strategy = bench.jax_setup(shape, "float32", "xla")
+    model, state, strategy = bench.jax_setup(shape, "float32", args.attention,
+                                             dropout=args.dropout)
     train_step = strategy.train_step
     batches = [strategy.place_batch(b)
                for b in bench.jax_batches(args.batch, args.seq, shape["vocab_size"])]

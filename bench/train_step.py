@@ -48,8 +48,10 @@ PRESETS = {
 NUM_CLASSES, NUM_TAGS = 2, 9
 
 
-def jax_setup(shape: dict, dtype: str, attention: str, model_dir: str = ""):
-    """(model, state, train_step) of mtl_jax for the benchmark model.
+def jax_setup(shape: dict, dtype: str, attention: str, model_dir: str = "",
+              dropout: float = 0.0):
+    """(model, state, train_step) of mtl_jax for the benchmark model (``dropout``: the
+    encoder's hidden and attention dropout; 0 as the PyTorch baseline).
 
     ``model_dir``: a Hugging Face directory whose tokenizer gives the vocabulary (default: the
     embedded MiniLM); only its vocabulary is used, the encoder is random at ``shape``.
@@ -67,7 +69,7 @@ def jax_setup(shape: dict, dtype: str, attention: str, model_dir: str = ""):
     c.model.name_or_path = model_dir or c.model.name_or_path
     c.model.family = "bert"
     c.model.size.update({k: v for k, v in shape.items() if k != "vocab_size"})
-    c.model.dtype, c.model.attention_impl, c.model.dropout = dtype, attention, 0.0
+    c.model.dtype, c.model.attention_impl, c.model.dropout = dtype, attention, dropout
     c.heads.dropout = 0.0
     c.optim.clip_norm = 0.0  # torch_baseline does not clip
     c.data.batch_mode = "homogeneous"
@@ -127,15 +129,19 @@ def param_count(tree) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
-def measure(preset: str, steps: int, warmup: int, model_dir: str = "") -> list[dict]:
+def measure(preset: str, steps: int, warmup: int, model_dir: str = "", attention: str = "",
+            dropout: float = 0.0) -> list[dict]:
+    """``attention``: model.attention_impl ("" = the preset's); ``dropout`` > 0 trains mtl_jax
+    with dropout (the PyTorch side has none: compare such rows with each other only)."""
     import jax
 
     import torch_baseline
     from mtl_jax.training import flops
 
-    shape_name, points, dtype, attention, device, torch_variants = PRESETS[preset]
+    shape_name, points, dtype, preset_attention, device, torch_variants = PRESETS[preset]
+    attention = attention or preset_attention
     shape = SHAPES[shape_name]
-    setup = jax_setup(shape, dtype, attention, model_dir)
+    setup = jax_setup(shape, dtype, attention, model_dir, dropout)
     params = param_count(setup[1].params)
     torch_params = torch_baseline.param_count(shape, NUM_CLASSES, NUM_TAGS)
     if params != torch_params:  # both sides must train the same model
@@ -146,6 +152,7 @@ def measure(preset: str, steps: int, warmup: int, model_dir: str = "") -> list[d
     peak = flops.device_peak_flops()
     common = dict(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
                   preset=preset, model=shape_name, dtype=dtype, attention=attention,
+                  dropout=dropout,
                   non_embedding_params=n, params=params,
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   host=platform.node(), cpu_count=os.cpu_count(), steps=steps, warmup=warmup)
@@ -216,6 +223,11 @@ def main():
     parser.add_argument("--model_dir", default="",
                         help="HF directory whose tokenizer sets the vocabulary "
                         "(default: the embedded MiniLM; a lent GPU machine lacks that package)")
+    parser.add_argument("--config.model.attention_impl", dest="attention", default="",
+                        help="mtl_jax attention implementation (default: the preset's), e.g. "
+                        "bnth; stored in each row's 'attention'")
+    parser.add_argument("--config.model.dropout", dest="dropout", type=float, default=0.0,
+                        help="mtl_jax dropout (hidden and attention); the PyTorch side keeps 0")
     parser.add_argument("--table", action="store_true", help="print the results table and exit")
     parser.add_argument("--update_readme", action="store_true",
                         help="also rewrite bench/README.md's table")
@@ -228,7 +240,8 @@ def main():
         if args.preset == "gpu" and jax.devices()[0].platform != "gpu":
             raise SystemExit("error: --preset=gpu needs a GPU (jax sees only "
                              f"{jax.devices()[0].platform}); use --preset=cpu")
-        rows = measure(args.preset, args.steps, args.warmup, args.model_dir)
+        rows = measure(args.preset, args.steps, args.warmup, args.model_dir, args.attention,
+                       args.dropout)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:
             for r in rows:

@@ -24,7 +24,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.size = ml_collections.ConfigDict(
         dict(hidden_size=0, num_layers=0, num_heads=0, intermediate_size=0, head_dim=0))
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-    c.model.attention_impl = "auto"  # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
+    # auto (cudnn on GPU, xla elsewhere) | xla | cudnn | bnth (mtl_jax/models/attention_bnth.py)
+    c.model.attention_impl = "auto"
     c.model.remat = False  # rematerialise each layer in the backward pass
     c.model.scan_layers = False  # nn.scan over layers (faster compile for deep encoders)
     # <0: the checkpoint's own rates. Attention-probability dropout > 0 takes the explicit XLA

@@ -3,15 +3,20 @@
 Shapes follow jax.nn: q [B, T, N, H], k/v [B, S, N, H]; ``bias`` is additive and broadcastable to
 [B, N, T, S]; ``mask`` is boolean (True = attend), broadcastable to [B, N, T, S]. Keys of a
 ``Prefix`` sit before the sequence keys (S = P + L).
+
+Implementations (``model.attention_impl``) are entries of ``ATTENTION_IMPLEMENTATIONS``; every
+one takes the same arguments, including a ``segment_mask`` as ``mask``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
+from mtl_jax.models.attention_bnth import bnth_attention
+from mtl_jax.registry import Registry
 
 
 class Prefix(NamedTuple):
@@ -28,7 +33,8 @@ class Prefix(NamedTuple):
 
 def resolve_attention_impl(name: str, dtype) -> str:
     """auto = cuDNN flash attention on GPU for 16-bit compute (cuDNN has no float32 kernel),
-    else XLA."""
+    else XLA. On CPU auto stays on xla until bench/train_step.py has measured bnth against it
+    on a quiet machine; that measurement decides whether auto picks bnth there."""
     if name != "auto":
         return name
     on_gpu = jax.default_backend() == "gpu"
@@ -50,6 +56,35 @@ def pad_bias_for_prefix(bias: jax.Array, prefix_length: int) -> jax.Array:
     return jnp.pad(bias, pad)
 
 
+def segment_mask(segment_ids: jax.Array, prefix_mask: Optional[jax.Array] = None) -> jax.Array:
+    """[B, L] segment ids (0 = padding) -> boolean [B, 1, L, P + L] mask for packed rows: a query
+    sees the keys of its own segment only, and (with a [B, P] ``prefix_mask``, 1 = attend) the
+    row's prefix keys; a padding query sees nothing. A per-segment prefix (packing rows of
+    different tasks) is the same rule with the prefix keys' own segment ids in place of the
+    row-wide ``prefix_mask``: ``_same_segment(segment_ids, prefix_segment_ids)``."""
+    keys = _same_segment(segment_ids, segment_ids)
+    if prefix_mask is not None:
+        keys = jnp.concatenate([_row_prefix_visible(segment_ids, prefix_mask), keys], axis=-1)
+    return keys[:, None]
+
+
+def _same_segment(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
+    """[B, T], [B, S] -> [B, T, S]: True where query and key share a (non-padding) segment."""
+    q, k = query_segments[:, :, None], key_segments[:, None, :]
+    return (q == k) & (q > 0)
+
+
+def _row_prefix_visible(segment_ids: jax.Array, prefix_mask: jax.Array) -> jax.Array:
+    """[B, L], [B, P] -> [B, L, P]: every non-padding query of a row sees the row's prefix."""
+    return (segment_ids[:, :, None] > 0) & (prefix_mask[:, None, :] > 0)
+
+
+# An implementation: (q, k, v, *, bias, mask, scale, dropout_rate, dropout_rng) -> [B, T, N, H];
+# dropout_rng is None when there is no dropout.
+AttentionFn = Callable[..., jax.Array]
+ATTENTION_IMPLEMENTATIONS: Registry[AttentionFn] = Registry("attention implementation")
+
+
 def dot_product_attention(query, key, value, *, bias=None, mask=None, scale=None,
                           implementation: str = "xla", dropout_rate: float = 0.0,
                           dropout_rng=None):
@@ -57,15 +92,33 @@ def dot_product_attention(query, key, value, *, bias=None, mask=None, scale=None
 
     scale=None is 1/sqrt(head_dim) (BERT); T5 passes scale=1.0. The fused kernels have no
     probability dropout, so training with ``dropout_rate > 0`` takes the explicit XLA path below
-    (set the attention dropout to 0 to keep the fused kernel in training).
+    (set the attention dropout to 0 to keep the fused kernel in training); ``bnth`` has its own.
     """
-    if bias is not None:
-        bias = bias.astype(query.dtype if implementation == "cudnn" else jnp.float32)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        return _attention_with_dropout(query, key, value, bias, mask, scale, dropout_rate,
-                                       dropout_rng)
-    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
-                                        implementation=implementation)
+    if not (dropout_rate > 0.0 and dropout_rng is not None):
+        dropout_rate, dropout_rng = 0.0, None
+    return ATTENTION_IMPLEMENTATIONS.get(implementation)(
+        query, key, value, bias=bias, mask=mask, scale=scale, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng)
+
+
+def _fused(implementation: str, bias_dtype: Optional[str] = None) -> AttentionFn:
+    """jax.nn.dot_product_attention(implementation=...) without dropout, the explicit path with
+    it. cuDNN takes the mask as is (jax turns a boolean mask into an additive bias; its
+    query/key_value_seq_lengths describe right padding only, not segments)."""
+    def attention(query, key, value, *, bias, mask, scale, dropout_rate, dropout_rng):
+        if bias is not None:
+            bias = bias.astype(bias_dtype or query.dtype)
+        if dropout_rng is not None:
+            return _attention_with_dropout(query, key, value, bias, mask, scale, dropout_rate,
+                                           dropout_rng)
+        return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
+                                            scale=scale, implementation=implementation)
+    return attention
+
+
+ATTENTION_IMPLEMENTATIONS.register("xla", _fused("xla", bias_dtype="float32"))
+ATTENTION_IMPLEMENTATIONS.register("cudnn", _fused("cudnn"))
+ATTENTION_IMPLEMENTATIONS.register("bnth", bnth_attention)
 
 
 def _attention_with_dropout(query, key, value, bias, mask, scale, rate, rng):

@@ -9,10 +9,11 @@ from typing import Optional
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
+from mtl_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 
 FAMILIES = ("bert", "t5")
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", *ATTENTION_IMPLEMENTATIONS.names())
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -38,7 +39,7 @@ class EncoderConfig:
     relative_attention_max_distance: int = 128
     # Runtime.
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    attention_impl: str = "auto"  # auto (cudnn on GPU for 16-bit compute, else xla) | xla | cudnn
+    attention_impl: str = "auto"  # auto (cudnn on GPU for 16-bit, else xla) | xla | cudnn | bnth
     remat: bool = False
     scan_layers: bool = False
     # In-encoder PEFT, one set of parameters per task (0 / None = off).
