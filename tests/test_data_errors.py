@@ -75,7 +75,7 @@ def test_empty_text_skipped_and_counted_or_error(tmp_path, tokenizer):
 def test_unknown_task_type_lists_valid_ones(tmp_path, tokenizer):
     message = error(load, tmp_path, tokenizer, [dict(sentence="a", label=0)], type="sentiment")
     assert "unknown task type 'sentiment'" in message
-    assert ("extractive_qa, sequence_classification, sequence_regression, "
+    assert ("extractive_qa, multiple_choice, sequence_classification, sequence_regression, "
             "token_classification") in message
 
 

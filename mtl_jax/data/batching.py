@@ -26,9 +26,23 @@ LABEL_KEYS = {
 BATCH_MODES = ("homogeneous", "mixed", "stacked")
 
 
-def batch_keys(label_keys: Sequence[str]) -> tuple[str, ...]:
+class BatchKeys(tuple):
+    """The run's fixed key set (a tuple of key names) and its choice-axis size ``num_choices``:
+    0 = token arrays [B, L]; C > 0 (a run with a multiple-choice task) = [B, C, L], every row
+    with C sequence slots (other tasks' rows fill slot 0; see tasks/types.py MultipleChoice)."""
+
+    num_choices: int
+
+    def __new__(cls, keys: Sequence[str], num_choices: int = 0):
+        self = super().__new__(cls, keys)
+        self.num_choices = int(num_choices)
+        return self
+
+
+def batch_keys(label_keys: Sequence[str], num_choices: int = 0) -> BatchKeys:
     """The run's fixed key set: base keys plus every label key of the task types present."""
-    return BASE_KEYS + tuple(k for k in LABEL_KEYS if k in set(label_keys))
+    return BatchKeys(BASE_KEYS + tuple(k for k in LABEL_KEYS if k in set(label_keys)),
+                     num_choices)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
@@ -49,13 +63,16 @@ def check_buckets(buckets) -> tuple[int, ...]:
 
 def empty_batch(keys: Sequence[str], batch_size: int, length: int) -> dict[str, np.ndarray]:
     """Padding everywhere: weight 0, ignore labels, and attention on token 0 only (a fully masked
-    row would make softmax attention divide by zero)."""
-    batch = dict(input_ids=np.zeros((batch_size, length), np.int32),
-                 attention_mask=np.zeros((batch_size, length), np.int32),
-                 token_type_ids=np.zeros((batch_size, length), np.int32),
+    row would make softmax attention divide by zero). ``keys.num_choices`` (a ``BatchKeys``)
+    adds the choice axis to the token arrays."""
+    choices = getattr(keys, "num_choices", 0)
+    tokens = (batch_size, choices, length) if choices else (batch_size, length)
+    batch = dict(input_ids=np.zeros(tokens, np.int32),
+                 attention_mask=np.zeros(tokens, np.int32),
+                 token_type_ids=np.zeros(tokens, np.int32),
                  task_id=np.zeros((batch_size,), np.int32),
                  weight=np.zeros((batch_size,), np.float32))
-    batch["attention_mask"][:, 0] = 1
+    batch["attention_mask"][..., 0] = 1
     for key in keys:
         if key in LABEL_KEYS:
             dtype, fill, per_token = LABEL_KEYS[key]
@@ -63,12 +80,21 @@ def empty_batch(keys: Sequence[str], batch_size: int, length: int) -> dict[str, 
     return batch
 
 
+def _fill_sequences(batch: dict, row: int, features, feature: int) -> None:
+    """The feature's token rows into the row's sequence slots (slot 0 unless multiple choice)."""
+    slots = {k: batch[k][row] if batch[k].ndim == 3 else batch[k][row][None]  # [C, L] views
+             for k in ("input_ids", "token_type_ids", "attention_mask")}
+    ids, types = (features.token_rows(k, feature) for k in ("input_ids", "token_type_ids"))
+    for s, n in enumerate(features.row_lengths(feature)):
+        slots["input_ids"][s, :n] = ids[s, :n]
+        slots["token_type_ids"][s, :n] = types[s, :n]
+        slots["attention_mask"][s, :n] = 1
+
+
 def fill_row(batch: dict, row: int, task, feature: int) -> None:
     features = task.features
     n = int(features.lengths[feature])
-    batch["input_ids"][row, :n] = features.tokens("input_ids", feature)
-    batch["token_type_ids"][row, :n] = features.tokens("token_type_ids", feature)
-    batch["attention_mask"][row, :n] = 1
+    _fill_sequences(batch, row, features, feature)
     batch["task_id"][row] = task.index
     batch["weight"][row] = 1.0
     for key, (_, _, per_token) in LABEL_KEYS.items():

@@ -2,8 +2,9 @@
 
 Token-level arrays (``input_ids``, ``token_type_ids``, ``tag_ids``, ``word_ids``,
 ``offset_mapping``) are concatenated over features and sliced by ``offsets``; per-feature arrays
-(``label``, ``target``, ``start_positions``, ``end_positions``, ``example_index``) have one row
-per feature. A feature is one tokenized sequence (QA examples may give several windows).
+(``label``, ``target``, ``start_positions``, ``end_positions``, ``example_index``,
+``choice_lengths``) have one row per feature. A feature is one tokenized sequence (QA examples
+may give several windows; a multiple-choice example is one feature of C sequences).
 The arrays come from ``mtl_jax.text.tokenize`` (through each task type's ``tokenize``).
 """
 from __future__ import annotations
@@ -22,12 +23,17 @@ TOKEN_KEYS = ("input_ids", "token_type_ids", "tag_ids", "word_ids", "offset_mapp
 
 
 class Features:
-    """Packed features; ``arrays['lengths']`` holds each feature's token count."""
+    """Packed features; ``arrays['lengths']`` holds each feature's token count.
+
+    Multiple-choice features (``choice_lengths`` [N, C]) hold C token rows each, every row
+    padded to the feature's length (its longest choice's); ``lengths`` stays the bucket measure.
+    """
 
     def __init__(self, arrays: dict[str, np.ndarray]):
         self.arrays = arrays
         self.lengths = arrays["lengths"]
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.rows = arrays["choice_lengths"].shape[1] if "choice_lengths" in arrays else 1
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths * self.rows)]).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -37,6 +43,16 @@ class Features:
 
     def tokens(self, key: str, i: int) -> np.ndarray:
         return self.arrays[key][self.offsets[i]:self.offsets[i + 1]]
+
+    def token_rows(self, key: str, i: int) -> np.ndarray:
+        """[rows, length]: feature i's token rows (one row unless it is multiple choice)."""
+        return self.tokens(key, i).reshape(self.rows, -1)
+
+    def row_lengths(self, i: int) -> np.ndarray:
+        """[rows]: the token count of each of feature i's rows."""
+        if "choice_lengths" in self.arrays:
+            return self.arrays["choice_lengths"][i]
+        return self.lengths[i:i + 1]
 
     def scalar(self, key: str, i: int):
         return self.arrays[key][i]

@@ -87,6 +87,14 @@ class TrainIterator:
     def rates(self) -> dict[str, float]:
         return {t.name: float(r) for t, r in zip(self.tasks, self.sampler.rates)}
 
+    @property
+    def mixing_target(self) -> dict[str, float]:
+        """The expected share of each task's examples: the sampler's rates, except in stacked
+        batches, which hold every task equally and never ask the sampler."""
+        if self.mode == "stacked":
+            return {t.name: 1.0 / len(self.tasks) for t in self.tasks}
+        return self.rates
+
     def __iter__(self):
         return self
 

@@ -14,7 +14,8 @@ from mtl_jax.data.heldout import HeldOut, HeldOutBatches, heldout_examples, spli
 from mtl_jax.data.iterator import TrainIterator
 from mtl_jax.data.kshot import k_shot
 from mtl_jax.errors import UserError
-from mtl_jax.tasks.definitions import dataset_info, definition_fingerprint, task_definitions
+from mtl_jax.tasks.definitions import (check_trainable, dataset_info, definition_fingerprint,
+                                       task_definitions)
 from mtl_jax.tasks.spec import TaskSpec
 from mtl_jax.tasks.types import TASK_TYPES, TaskType
 
@@ -144,16 +145,16 @@ def build_data(config, tokenizer, splits=("train", "validation"), log=None,
             raise UserError(f"tasks.{name}.max_length={definition.max_length} exceeds the largest "
                             f"data.buckets entry {buckets[-1]}; add a bucket or lower max_length")
         wanted = [s for s in splits if s in definition.data]
-        if require_train and "train" in splits and "train" not in definition.data:
-            raise UserError(f"tasks.{name} has no train split (it has "
-                            f"{', '.join(definition.data)}); add tasks.{name}.data.train or drop "
-                            f"the task from training")
+        if require_train and "train" in splits:
+            check_trainable(name, definition)
         rows = {s: readers.read_split(name, s, definition) for s in wanted}
         label_names = resolve_label_names(name, definition, task_type, rows)
         specs.append(TaskSpec(name, definition.type, task_type.num_labels(label_names), index,
                               label_names))
         loaded[name] = rows
-    keys = batching.batch_keys([k for s in specs for k in TASK_TYPES.get(s.type).label_keys])
+    keys = batching.batch_keys([k for s in specs for k in TASK_TYPES.get(s.type).label_keys],
+                               num_choices=max((s.num_labels for s in specs
+                                                if TASK_TYPES.get(s.type).has_choices), default=0))
     fingerprint = tokenizer_fingerprint(tokenizer)
     data = {}
     for spec in specs:

@@ -12,8 +12,14 @@ _LENGTH_SAMPLE = 20000  # untruncated lengths are measured on at most this many 
 
 
 def untruncated_lengths(task_data, tokenizer) -> np.ndarray:
-    """Token counts without truncation (QA: question + full context)."""
+    """Token counts without truncation (QA: question + full context; multiple choice: the
+    longest (context, choice) pair, the length its row is padded to)."""
     examples = task_data.examples[:_LENGTH_SAMPLE]
+    if "choices" in examples[0]:
+        enc = tokenizer([e["context"] for e in examples for _ in e["choices"]],
+                        [c for e in examples for c in e["choices"]])
+        pairs = np.array([len(x) for x in enc["input_ids"]])
+        return pairs.reshape(len(examples), -1).max(1)
     if "words" in examples[0]:
         enc = tokenizer([e["words"] for e in examples], is_split_into_words=True)
     elif "question" in examples[0]:

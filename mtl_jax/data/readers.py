@@ -167,13 +167,21 @@ def where_hub(definition, split: str) -> str:
     return f"{name}[{definition.data[split]}]"
 
 
+def hub_folder(definition) -> pathlib.Path | None:
+    """The local dataset repository folder ``hub`` names (resolved like data paths), or None for
+    a hub name. ``datasets.load_dataset`` reads both the same way (data files + dataset card)."""
+    folder = resolve_path(definition.hub)
+    return folder if folder.is_dir() else None
+
+
 def load_hub(task: str, split: str, definition):
     """A hub split via ``datasets``; an unreachable hub is one UserError line."""
     import datasets
 
+    folder = hub_folder(definition)
     try:
-        return datasets.load_dataset(definition.hub, definition.hub_config or None,
-                                     split=definition.data[split])
+        return datasets.load_dataset(str(folder) if folder else definition.hub,
+                                     definition.hub_config or None, split=definition.data[split])
     except Exception as e:
         # datasets raises many types (ConnectionError, FileNotFoundError, ValueError).
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -193,7 +201,13 @@ def hub_label_names(task: str, definition) -> tuple[str, ...]:
 def source_fingerprint(task: str, split: str, definition) -> dict:
     """What identifies the split's content cheaply (for the tokenization cache key)."""
     if definition.hub:
-        return dict(hub=where_hub(definition, split))
+        fingerprint = dict(hub=where_hub(definition, split))
+        folder = hub_folder(definition)
+        if folder:  # a local repository's files may change under the same name
+            fingerprint["files"] = [[str(f.relative_to(folder)), f.stat().st_size,
+                                     f.stat().st_mtime_ns]
+                                    for f in sorted(folder.rglob("*")) if f.is_file()]
+        return fingerprint
     path = local_path(task, split, definition)
     stat = path.stat()
     return dict(path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)

@@ -32,6 +32,11 @@ def classification_report(predictions, references, label_names, metrics) -> str:
     return f"{summary}\n{_table(rows)}\n\n{_table(confusion)}"
 
 
+# Multiple choice: the same table over choice positions (a model that favours one position
+# shows in its recall and the confusion matrix).
+REPORTS.register("multiple_choice", classification_report)
+
+
 @REPORTS.register("sequence_regression")
 def regression_report(predictions, references, label_names, metrics) -> str:
     p, r = np.asarray(predictions), np.asarray(references)

@@ -5,6 +5,7 @@ vector) and returns the task's output for every example of the batch:
 
   sequence_classification  [B, C] logits          sequence_regression  [B] prediction
   token_classification     [B, L, C] logits        extractive_qa        [B, L, 2] start/end logits
+  multiple_choice          [B, C] choice scores
 
 Heads live under ``params["heads"][<task name>]``; each task has its own, even when two tasks
 share a type.
@@ -32,6 +33,9 @@ class Features(NamedTuple):
     hidden: jax.Array  # [B, L, H] float32
     mask: jax.Array  # [B, L] attention mask (1 = real token)
     pooled: jax.Array  # [B, H] sentence vector (heads.pooling)
+    # [B, C, H] the pooled vector of each choice slot (models/choices.py); None without a choice
+    # axis (a run without a multiple-choice task). The fields above are slot 0's.
+    choices: Optional[jax.Array] = None
 
 
 # --- pooling ----------------------------------------------------------------------------------
@@ -107,6 +111,22 @@ class SpanHead(_Head):
     def __call__(self, f: Features, deterministic: bool = True):
         del deterministic
         return nn.Dense(2, kernel_init=_INIT, name="dense")(f.hidden)
+
+
+@HEADS.register("multiple_choice")
+class MultipleChoiceHead(_Head):
+    """One score per choice from its pooled vector: dropout -> Dense(hidden, 1), the layout of
+    Transformers' ``BertForMultipleChoice`` classifier (pooler -> dropout -> Linear(hidden, 1),
+    ``dense/kernel`` [H, 1] = ``classifier.weight`` transposed). ``num_labels`` is the task's
+    number of choices: slots past it (a run whose other multiple-choice task has more) are cut."""
+
+    @nn.compact
+    def __call__(self, f: Features, deterministic: bool = True):
+        if f.choices is None:
+            raise ValueError("a multiple-choice head needs Features.choices (a batch with a "
+                             "choice axis, see models/choices.py)")
+        x = nn.Dropout(self.dropout)(f.choices[:, :self.num_labels], deterministic=deterministic)
+        return nn.Dense(1, kernel_init=_INIT, name="dense")(x)[..., 0]
 
 
 def build_head(task_type: str, num_labels: int, dropout: float,

@@ -36,6 +36,11 @@ def classification_loss(logits, batch):
     return _cross_entropy(logits, batch["label"])
 
 
+# Multiple choice: the cross-entropy of the softmax over the example's C choice scores [B, C]
+# against the right choice's index (``label``); the example counts once, whatever C.
+LOSSES.register("multiple_choice", classification_loss)
+
+
 @LOSSES.register("sequence_regression")
 def mse_loss(pred, batch):
     target = batch["target"].astype(jnp.float32)

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 
 from mtl_jax.checkpoints import hf
 from mtl_jax.errors import UserError
+from mtl_jax.models import choices as choices_lib
 from mtl_jax.models import heads as heads_lib
 from mtl_jax.models import param_groups
 from mtl_jax.models import losses as losses_lib
@@ -127,7 +128,7 @@ class MultiTaskModel:
                                                      self.num_tasks)
         hidden = self.encoder_config.hidden_size
         feats = heads_lib.Features(jnp.zeros((1, 2, hidden)), jnp.ones((1, 2), jnp.int32),
-                                   jnp.zeros((1, hidden)))
+                                   jnp.zeros((1, hidden)), choices=jnp.zeros((1, 1, hidden)))
         head_rngs = jax.random.split(head_rng, self.num_tasks)
         params = {"encoder": encoder,
                   "heads": {s.name: self.heads[s.name].init(r, feats)["params"]
@@ -160,12 +161,13 @@ class MultiTaskModel:
         if not deterministic and rng is None:
             raise ValueError("deterministic=False needs an rng for dropout")
         homogeneous = self.homogeneous if homogeneous is None else homogeneous
-        prefix = self.peft_method.batch_prefix(params, batch)
-        run_encoder = functools.partial(self._encode, batch=batch, prefix=prefix, rng=rng,
+        sequences = choices_lib.encoder_batch(batch)  # [B * C, L] when the batch has choices
+        prefix = self.peft_method.batch_prefix(params, sequences)
+        run_encoder = functools.partial(self._encode, batch=sequences, prefix=prefix, rng=rng,
                                         deterministic=deterministic)
-        hidden, pooled = self.sharing_strategy.encode(run_encoder, params["encoder"], batch,
+        hidden, pooled = self.sharing_strategy.encode(run_encoder, params["encoder"], sequences,
                                                       homogeneous)
-        return heads_lib.Features(hidden, batch["attention_mask"], pooled)
+        return choices_lib.head_features(hidden, pooled, batch)
 
     def apply(self, params, batch, rng=None, deterministic=True, homogeneous=None):
         """{task: head output on every example of the batch}."""

@@ -112,14 +112,33 @@ def dataset_info(definition) -> dict:
     if definition.hub:
         return {}
     for path in definition.data.values():
-        info = resolve_path(path).parent / "dataset_info.json"
-        if info.is_file():
-            try:
-                return json.loads(info.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"{info} is not valid JSON ({e.msg} at line {e.lineno}); "
-                                f"fix or delete it") from None
+        info = read_dataset_info(resolve_path(path).parent / "dataset_info.json")
+        if info:
+            return info
     return {}
+
+
+def read_dataset_info(path: pathlib.Path) -> dict:
+    """A ``dataset_info.json`` ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                        f"fix or delete it") from None
+
+
+def check_trainable(name: str, definition) -> None:
+    """A task whose data has no train split (BoolQ, QNLI in ../shared/data) is evaluation-only:
+    one line before training, not a missing-split error halfway through reading."""
+    is_dict = isinstance(definition, (dict, ml_collections.ConfigDict))  # else: normalize says
+    data = definition.get("data") if is_dict else None
+    if data and "train" not in data:
+        raise UserError(f"tasks.{name} is evaluation-only: it has no train split (only "
+                        f"{', '.join(data)}); drop it from training and score it with "
+                        f"--mode=eval on a run that trained a {name} head, or set "
+                        f"tasks.{name}.data.train=PATH")
 
 
 def definition_fingerprint(definition) -> dict:

@@ -14,7 +14,8 @@ class TaskSpec:
     """
 
     name: str
-    # sequence_classification | sequence_regression | token_classification | extractive_qa
+    # sequence_classification | sequence_regression | token_classification | extractive_qa |
+    # multiple_choice (num_labels = its number of choices)
     type: str
     num_labels: int
     index: int

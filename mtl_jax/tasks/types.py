@@ -24,6 +24,8 @@ class TaskType:
     # The metrics whose inputs this type's postprocess produces (checked before training).
     valid_metrics: tuple[str, ...] = ()
     uses_label_names = True
+    # Examples hold one sequence per choice: the run's batches gain a choice axis [B, C, L].
+    has_choices = False
 
     def num_labels(self, label_names: tuple[str, ...]) -> int:
         return len(label_names)
@@ -288,3 +290,114 @@ def _answer_span(context: str, text: str, start: int, where: str) -> tuple[int, 
         return found, found + len(text)
     raise UserError(f"{where}: answer {text!r} does not occur in its context at "
                     f"answer_start={start}; fix the row")
+
+
+@_register
+class MultipleChoice(TaskType):
+    """Pick one of C answers (COPA; the shape of SWAG, PIQA, HellaSwag): each (context, choice)
+    pair is encoded on its own, the head gives one score per choice, softmax over the choices.
+
+    Fields: ``text_fields`` names every column read; those not in ``choice_fields`` form the
+    context (text_a), joined by spaces in ``text_fields`` order, each value first replaced by
+    its ``context_phrases`` entry when it has one; ``choice_fields`` names one column per choice
+    (text_b), or one column holding a list of choices. ``label_names`` name the choices (their
+    count is C, the same for every example); the label is a choice's index or name. COPA's
+    preset uses jiant's formulation: text_a = "premise What was the cause of this?" (or "What
+    happened as a result?" for "effect"), text_b = the choice.
+
+    Batch layout: choices are a leading axis of the example. A run with a multiple-choice task
+    gives every row C slots (``input_ids``/``attention_mask``/``token_type_ids`` [B, C, L], C
+    the largest choice count of the run's multiple-choice tasks); a row of another task fills
+    slot 0 and leaves the others as padding. The model runs the encoder on the [B * C, L]
+    flattening (``models/choices.py``) and gives the other heads slot 0 again, so:
+    - mixed and homogeneous batches are the same code (one row = one example of its task_id),
+      and the batch shape is fixed for the run: one trace per bucket;
+    - the sampler, streams, stacked/episode layouts, sharding (example axis unchanged) and the
+      per-example loss normalisation need nothing new: an example is one row, its loss the
+      cross-entropy over its C scores (``label`` [B]), counted once;
+    - PEFT routing: every slot of a row carries the row's task_id into the encoder, so each
+      choice of an example uses its task's prefix/adapter/LoRA rows.
+    The price: in a run with a multiple-choice task every row of every task costs C sequences
+    of encoder compute (padding slots are computed too). Flattening choices into C consecutive
+    rows with a group index would avoid that, but every consumer of rows (sampler and streams,
+    which count examples; batches that must not split a group across devices or sub-batches;
+    per-example counts and weights; segment softmax in the loss) would need to know about groups.
+    A task with fewer choices than the run's C ignores its extra slots (its head keeps the
+    scores of its own choices); examples with differing choice counts (ARC) are not supported.
+    Sequence packing, should it come, packs along L inside the slots: the axis does not change.
+    """
+
+    name = "multiple_choice"
+    label_keys = ("label",)
+    extra_fields = dict(choice_fields=(), context_phrases={})
+    default_metrics = ("accuracy",)
+    valid_metrics = ("accuracy",)
+    has_choices = True
+
+    def columns(self, definition):
+        extra = tuple(f for f in definition.choice_fields if f not in definition.text_fields)
+        return (*definition.text_fields, *extra, definition.label_field)
+
+    def check_definition(self, task, definition):
+        choice_fields = tuple(definition.choice_fields)
+        if not choice_fields:
+            raise UserError(f"tasks.{task}.choice_fields is empty; name the choice columns, "
+                            f"e.g. ('choice1', 'choice2'), or one column holding a list")
+        if not _context_fields(definition):
+            raise UserError(f"tasks.{task}.text_fields {tuple(definition.text_fields)} has no "
+                            f"context column outside choice_fields {choice_fields}; add one, "
+                            f"e.g. ('premise', *choice_fields)")
+
+    def parse(self, record, where, definition, label_ids):
+        context = choice_context(record, definition)
+        choices = choice_texts(record, where, definition)
+        if not context.strip() or any(not c.strip() for c in choices):
+            return None
+        if len(choices) != len(label_ids):
+            raise UserError(f"{where}: {len(choices)} choices but the task has {len(label_ids)} "
+                            f"label names ({', '.join(label_ids)}), one per choice; fix the row or "
+                            f"the task's label_names")
+        return dict(context=context, choices=choices,
+                    label=label_id(record[definition.label_field], where, label_ids))
+
+    def tokenize(self, examples, tokenizer, definition, data_config, label_names):
+        for e in examples:  # parse checked the data; predict inputs arrive here unchecked
+            if len(e["choices"]) != len(label_names):
+                raise UserError(f"{e.get('where', 'an input')}: {len(e['choices'])} choices, "
+                                f"the task has {len(label_names)}; give one per choice")
+        arrays = tokenize.encode_choices(tokenizer, [e["context"] for e in examples],
+                                         [e["choices"] for e in examples], definition.max_length)
+        arrays["label"] = np.array([e["label"] for e in examples], np.int32)
+        return arrays
+
+    def postprocess(self, examples, features, outputs, definition, label_names):
+        return dict(predictions=np.array([int(np.argmax(o)) for o in outputs], np.int64),
+                    references=np.array([e["label"] for e in examples], np.int64))
+
+    def describe(self, example, label_names):
+        choices = "\n".join(f"    {'*' if i == example['label'] else ' '} {name}: {choice}"
+                            for i, (name, choice) in enumerate(zip(label_names,
+                                                                   example["choices"])))
+        return f"{example['context']}\n{choices}"
+
+
+def _context_fields(definition) -> tuple[str, ...]:
+    return tuple(f for f in definition.text_fields if f not in tuple(definition.choice_fields))
+
+
+def choice_context(record: dict, definition) -> str:
+    """The context columns joined by spaces, each value replaced by its context_phrases entry."""
+    phrases = dict(definition.context_phrases)
+    values = ("" if record[f] is None else str(record[f]) for f in _context_fields(definition))
+    return " ".join(phrases.get(v, v) for v in values)
+
+
+def choice_texts(record: dict, where: str, definition) -> tuple[str, ...]:
+    fields = tuple(definition.choice_fields)
+    if len(fields) > 1:
+        return tuple("" if record[f] is None else str(record[f]) for f in fields)
+    value = record[fields[0]]
+    if not isinstance(value, list):
+        raise UserError(f"{where}: choice column {fields[0]!r} must hold a list of choices when "
+                        f"it is the only one in choice_fields; name one column per choice instead")
+    return tuple("" if c is None else str(c) for c in value)

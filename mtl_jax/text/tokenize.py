@@ -50,6 +50,29 @@ def encode_texts(tokenizer, texts: list[tuple[str, ...]],
                 example_index=np.arange(len(ids), dtype=np.int32))
 
 
+def encode_choices(tokenizer, contexts: list[str], choices: list[tuple[str, ...]],
+                   max_length: int) -> dict[str, np.ndarray]:
+    """(context, choice) pairs, each truncated (longest first) to ``max_length`` tokens; one
+    feature per example (every example has the same number of choices C): its C sequences as
+    rows, each padded with 0 to the feature's length (its longest pair's, the bucket measure),
+    and ``choice_lengths`` [N, C] their own token counts."""
+    num_choices = len(choices[0])
+    pairs = encode_texts(tokenizer, [(c, x) for c, row in zip(contexts, choices) for x in row],
+                         max_length)
+    choice_lengths = pairs["lengths"].reshape(-1, num_choices)
+    widths = np.repeat(choice_lengths.max(1), num_choices)
+    cuts = np.cumsum(pairs["lengths"])[:-1]
+
+    def padded_rows(key):
+        rows = np.split(pairs[key], cuts)
+        return [np.pad(r, (0, w - len(r))) for r, w in zip(rows, widths)]
+
+    return dict(lengths=choice_lengths.max(1), choice_lengths=choice_lengths,
+                input_ids=pack(padded_rows("input_ids")),
+                token_type_ids=pack(padded_rows("token_type_ids")),
+                example_index=np.arange(len(choices), dtype=np.int32))
+
+
 def _inside_to_begin(label_names: tuple[str, ...]) -> dict[int, int]:
     """B-X -> I-X label ids, for labelling continuation sub-tokens (HF's ``label_all_tokens``)."""
     index = {n: i for i, n in enumerate(label_names)}

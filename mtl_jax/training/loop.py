@@ -5,7 +5,7 @@
     every step          train_step; metrics summed on device (metrics_window: no host sync,
                         host values placed explicitly)
     every log_every     pull the window: mean losses, examples/s, tokens/s, MFU -> metrics.jsonl,
-                        TensorBoard, progress bar; a non-finite loss stops here (nan_policy=stop)
+                        TensorBoard, progress; a non-finite loss stops here (nan_policy=stop)
     every eval_every    evaluate every task, early stopping on train.early_stopping_metric,
     and at the end      checkpoint with that score (the best one is kept)
     every checkpoint_every, and on SIGTERM/SIGINT   checkpoint
@@ -32,9 +32,10 @@ from mtl_jax.training import trainers as trainers_lib
 from mtl_jax.training import weighting as weighting_lib
 from mtl_jax.training import workdir as workdir_lib
 from mtl_jax.training.early_stopping import EarlyStopping, select_metric
-from mtl_jax.training.metrics_window import DeviceWindow, HostWindow
+from mtl_jax.training.metrics_window import DeviceWindow, HostWindow, mixing_target
 from mtl_jax.training.metrics_writer import METRICS_FILE, MetricsWriter
 from mtl_jax.training.preemption import PreemptionGuard
+from mtl_jax.training.progress import progress_display
 from mtl_jax.training.results import write_results
 
 
@@ -153,6 +154,7 @@ class Loop:
         self.task_names = [s.name for s in run.model.specs]
         self.cost = flops.train_cost_of(run.model)  # soft sharing, frozen params: see flops.py
         self.peak = flops.device_peak_flops()
+        self.mixing_target = mixing_target(it.mixing_target)  # logged with every window
         # The step folds in state.step. Placed once, explicitly: left on one device it would be
         # copied to the step's devices implicitly at every step.
         self.rng = run.strategy.place_rng(jax.random.PRNGKey(int(self.config.seed)))
@@ -163,7 +165,9 @@ class Loop:
         if self.progress.stopper.should_stop:
             _say(f"early stopping had already stopped this run at step {step}")
             return state, step, None
-        bar = _progress_bar(t, step)
+        # stderr: where the bar is drawn is what must be a terminal (stdout may be piped apart)
+        bar = progress_display(sys.stderr, total=t.num_steps, initial=step, bar=t.progress,
+                               shown=jax.process_index() == 0)
         window, host = None, HostWindow()
         with PreemptionGuard() as guard, bar:
             self.guard = guard
@@ -226,17 +230,11 @@ class Loop:
                             f"{kept}; lower optim.lr or set train.nan_policy=skip")
 
     def _log(self, step, window: DeviceWindow, host: HostWindow, bar) -> None:
-        out = window.read(host, self.task_names, self.peak)
+        out = {**window.read(host, self.task_names, self.peak), **self.mixing_target}
         self.writer.write(step, out)
-        seconds_per_step = 1.0 / out["train/steps_per_s"]
-        remaining = (self.config.train.num_steps - step) * seconds_per_step
-        loss = out.get("train/loss", math.nan)
-        bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{out['train/examples_per_s']:.1f}",
-                        refresh=False)
-        if bar.disable:
-            _say(f"step {step}/{self.config.train.num_steps}: loss {loss:.4f}, "
-                 f"{out['train/examples_per_s']:.1f} examples/s, "
-                 f"{seconds_per_step:.3f} s/step, eta {_duration(remaining)}")
+        bar.report(step, loss=out.get("train/loss", math.nan),
+                   examples_per_s=out["train/examples_per_s"],
+                   steps_per_s=out["train/steps_per_s"])
 
     def _evaluate(self, state, step) -> float | None:
         metrics, reports = self.evaluate_fn(state, step)
@@ -287,14 +285,6 @@ def _finish(run, workdir, progress: Progress, step: int) -> dict:
 
 # --- small helpers ----------------------------------------------------------------------------
 
-def _progress_bar(t, step):
-    import tqdm
-
-    quiet = not t.progress or not sys.stdout.isatty() or jax.process_index() != 0
-    return tqdm.tqdm(total=t.num_steps, initial=step, disable=quiet, unit="step",
-                     dynamic_ncols=True, file=sys.stderr)
-
-
 def _say(message: str) -> None:
     """One line on stderr; through tqdm so that a live progress bar is redrawn below it, not
     overwritten by it."""
@@ -308,14 +298,6 @@ def _say(message: str) -> None:
 def _say_summary(run, state) -> None:
     if jax.process_index() == 0:
         print(run.model.summary(run.strategy.saved(state).params), flush=True)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _floats(metrics) -> dict:

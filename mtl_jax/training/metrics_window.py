@@ -7,7 +7,8 @@ read into the logged means at a log step.
                    host.add(batch, cost.per_example)
     a check        window.first_nonfinite(last_step) -> None | (first bad step, its bad tasks)
     a log step     window.read(host, task_names, peak_flops) -> {"train/loss": mean, ...,
-                       "train/examples_per_s": ..., "train/skipped_steps": ... if any}
+                       "train/examples_per_s": ..., "train/skipped_steps": ... if any,
+                       "train/padding_fraction[/<task>]": ..., "train/mixing/<task>": ...}
 
 A non-finite step (``metrics["train/finite"]`` false) is counted, not summed: the means are over
 the finite steps, a task's loss over the finite steps whose batch had that task (the step's
@@ -84,6 +85,7 @@ class DeviceWindow:
             elif w.present[task_names.index(task)]:
                 out[key] = float(total) / int(w.present[task_names.index(task)])
         out.update(host.rates(peak_flops))
+        out.update(host.task_fractions(task_names))
         if int(w.nonfinite):
             out["train/skipped_steps"] = float(w.nonfinite)
         return out
@@ -128,17 +130,50 @@ class HostWindow:
     flops: float = 0.0
     paused: float = 0.0  # seconds spent evaluating/checkpointing, not training
     start: float = dataclasses.field(default_factory=time.perf_counter)
+    # Per task id (grown to the largest id seen), over this process's real rows: the rows, their
+    # token slots at the bucketed length fed to the model (every choice slot), the pad slots.
+    task_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    task_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    task_pads: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
     def add(self, batch: Mapping, flops_per_example: Callable[[int], float]) -> None:
-        """Counts one step's host batch (this process's rows; every process has as many)."""
-        real = np.asarray(batch["weight"]) > 0
+        """Counts one step's host batch (this process's rows; every process has as many). Any
+        layout: [B], stacked [T, b] or episode [K, S', b] rows; ``meta/`` held-out rows are not
+        trained on and not counted."""
+        real = np.asarray(batch["weight"]).reshape(-1) > 0
         length = np.shape(batch["input_ids"])[-1]
+        mask = np.asarray(batch["attention_mask"]).reshape(real.size, -1)[real]
+        tokens = mask.sum(-1, dtype=np.float64)  # [real rows]
         n = float(real.sum()) * jax.process_count()
         self.steps += 1
         self.examples += n
-        self.tokens += float(np.asarray(batch["attention_mask"])[real].sum()) * \
-            jax.process_count()
+        self.tokens += float(tokens.sum()) * jax.process_count()
         self.flops += n * flops_per_example(length)
+        self._count_tasks(np.asarray(batch["task_id"]).reshape(-1)[real], tokens, mask.shape[1])
+
+    def _count_tasks(self, task_ids: np.ndarray, tokens: np.ndarray, slots: int) -> None:
+        size = max(self.task_rows.size, int(task_ids.max(initial=-1)) + 1)
+        count = functools.partial(np.bincount, task_ids, minlength=size)
+        self.task_rows = _grown(self.task_rows, size) + count()
+        self.task_slots = _grown(self.task_slots, size) + count() * float(slots)
+        self.task_pads = _grown(self.task_pads, size) + count(weights=slots - tokens)
+
+    def task_fractions(self, task_names: list[str]) -> dict[str, float]:
+        """``train/mixing/<task>``: task t's share of the window's examples (0 when absent);
+        ``train/padding_fraction[/<task>]``: pad slots / token slots of (task t's) rows.
+        This process's rows: the mixing is the same on every process (each draws its rows'
+        tasks from the same (seed, step)), the padding an estimate from 1/process_count of
+        them, which needs no collective."""
+        rows, slots, pads = (_grown(a, len(task_names))
+                             for a in (self.task_rows, self.task_slots, self.task_pads))
+        if not rows.sum():
+            return {}
+        out = {"train/padding_fraction": float(pads.sum() / slots.sum())}
+        for name, n, s, p in zip(task_names, rows, slots, pads):
+            out[f"train/mixing/{name}"] = float(n / rows.sum())
+            if n:
+                out[f"train/padding_fraction/{name}"] = float(p / s)
+        return out
 
     def seconds(self) -> float:
         return max(time.perf_counter() - self.start - self.paused, 1e-9)
@@ -155,3 +190,15 @@ class HostWindow:
         if mfu is not None:
             out["train/mfu"] = mfu
         return out
+
+
+def _grown(counts: np.ndarray, size: int) -> np.ndarray:
+    """``counts`` zero-padded to ``size`` entries (a window's first batches may lack the last
+    task ids)."""
+    return np.pad(counts.astype(np.float64), (0, size - counts.size))
+
+
+def mixing_target(rates: Mapping[str, float]) -> dict[str, float]:
+    """``train/mixing_target/<task>``: the proportions the data iterator draws tasks with,
+    logged beside the realised ``train/mixing/<task>`` at every log step."""
+    return {f"train/mixing_target/{name}": float(rate) for name, rate in rates.items()}

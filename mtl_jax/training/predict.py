@@ -6,6 +6,9 @@
     token_classification     {"tokens": [...] or "a b"} -> {"tags": [...], "entities":
                                                             [{"type", "start", "end", "text"}]}
     extractive_qa            {"question", "context"}    -> {"answer": "..."}
+    multiple_choice          {"premise", "choice1", ...} -> {"choice": 1, "label": "choice2",
+                                                            "text": "...", "probabilities":
+                                                            [.3, .7] (one per choice)}
 
 An input's ``id`` (or the QA task's id_field) is copied to its output. Inputs go through the
 same tokenization and batching as evaluation (labels are dummies, never read).
@@ -28,7 +31,7 @@ from mtl_jax.evaluation.qa_postprocess import best_answers
 from mtl_jax.evaluation.metrics import entities
 from mtl_jax.registry import Registry
 from mtl_jax.tasks.definitions import task_definitions
-from mtl_jax.tasks.types import TASK_TYPES
+from mtl_jax.tasks.types import TASK_TYPES, choice_context, choice_texts
 
 
 def read_inputs(path: str) -> list[dict]:
@@ -144,6 +147,26 @@ def _answers(examples, features, outputs, definition, label_names):
 
 
 PREDICTORS.register("extractive_qa", Predictor(example=_qa_example, outputs=_answers))
+
+
+def _choice_example(record, where, definition):
+    for column in TASK_TYPES.get("multiple_choice").columns(definition)[:-1]:  # not the label
+        _field(record, column, where, definition)
+    return dict(context=choice_context(record, definition),
+                choices=choice_texts(record, where, definition), label=0, where=where)
+
+
+def _choices(examples, features, outputs, definition, label_names):
+    out = []
+    for example, scores in zip(examples, outputs):
+        p = _softmax(scores)
+        best = int(np.argmax(p))
+        out.append({"choice": best, "label": label_names[best], "text": example["choices"][best],
+                    "probabilities": [float(v) for v in p]})
+    return out
+
+
+PREDICTORS.register("multiple_choice", Predictor(example=_choice_example, outputs=_choices))
 
 
 def predict(run, state, task: str, records: list[dict]) -> list[dict]:

@@ -1,10 +1,11 @@
 """Checks before the first step: a user error costs seconds, never a run.
 
-``check_config(config)`` runs before anything is read or written (names against their registries
-or choices, counts that must be positive, ranges); ``check_run(run)`` runs once the data is read
-and tokenized and the model built, before compiling (lengths against the buckets and the model's
-position embeddings, each task's metrics against its type and label count, the early-stopping
-metric against the tasks' metrics). Each failure is one ``UserError`` line naming the key.
+``check_config(config)`` runs before anything is read or written (names against their registries or
+choices, counts that must be positive, ranges, a train split for every task); ``check_run(run)``
+runs once the data is read and tokenized and the model built, before compiling (lengths against the
+buckets and the model's position embeddings, each task's metrics against its type and label count,
+the early-stopping metric against the tasks' metrics). Each failure is one ``UserError`` line naming
+the key.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ FRACTIONS = ("optim.warmup_fraction", "heads.dropout", "peft.lora_dropout")  # i
 def check_config(config) -> None:
     """Every check that needs only the config (no files, no model)."""
     from mtl_jax.data import batching
+    from mtl_jax.tasks.definitions import check_trainable
 
     for key, names in _choices().items():
         value = _get(config, key)
@@ -102,6 +104,8 @@ def check_config(config) -> None:
             raise UserError(f"{key}={value!r} must be between 0 and 1")
     batching.check_buckets(config.data.buckets)
     _check_batch_layout(config)
+    for name, task in config.tasks.items():
+        check_trainable(name, task)
     trainers_lib.get(config).check_config(config)
     heldout = weighting_lib.heldout_of(config)
     if heldout is not None:
