@@ -181,3 +181,16 @@ def cache_dir_for(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.getbasetemp() / "jax_compile_cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    """The UserError ``fn(*args, **kwargs)`` raises, checked to be one line."""
+    import pytest
+
+    from mtl_jax.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        fn(*args, **kwargs)
+    message = str(e.value)
+    assert "\n" not in message
+    return message

@@ -9,7 +9,7 @@ import transformers
 
 from data_helpers import base_config, write_jsonl
 from mtl_jax.data.pipeline import build_data
-from mtl_jax.errors import UserError
+from run_helpers import one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,12 +30,7 @@ def load(tmp_path, tokenizer, rows=None, splits=("train",), empty_text="skip", *
     return build_data(config, tokenizer, splits=splits)
 
 
-def error(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as e:
-        fn(*args, **kwargs)
-    message = str(e.value)
-    assert "\n" not in message
-    return message
+error = one_line_error  # tests name it error()
 
 
 def test_missing_file(tmp_path, tokenizer):

@@ -11,10 +11,9 @@ import transformers
 from data_helpers import base_config, write_jsonl
 from mtl_jax.data import readers
 from mtl_jax.data.pipeline import build_data
-from mtl_jax.errors import UserError
 from mtl_jax.tasks import presets
 from mtl_jax.tasks.types import TASK_TYPES
-from run_helpers import tiny_config
+from run_helpers import one_line_error, tiny_config
 
 SUPERGLUE = ("boolq", "cb", "copa", "multirc", "record", "wic", "wsc")
 GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
@@ -27,12 +26,7 @@ def tokenizer(minilm_path):
     return transformers.AutoTokenizer.from_pretrained(str(minilm_path))
 
 
-def error(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as e:
-        fn(*args, **kwargs)
-    message = str(e.value)
-    assert "\n" not in message
-    return message
+error = one_line_error  # tests name it error()
 
 
 def shared_infos(shared_data) -> dict[str, dict]:

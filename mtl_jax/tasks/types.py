@@ -94,6 +94,12 @@ def label_id(value, where: str, label_ids: dict) -> int:
     return index
 
 
+def argmax_predictions(examples, outputs) -> dict:
+    """The class (or choice) of highest score per example, against each example's ``label``."""
+    return dict(predictions=np.array([int(np.argmax(o)) for o in outputs], np.int64),
+                references=np.array([e["label"] for e in examples], np.int64))
+
+
 @_register
 class SequenceClassification(TaskType):
     name = "sequence_classification"
@@ -114,8 +120,7 @@ class SequenceClassification(TaskType):
         return arrays
 
     def postprocess(self, examples, features, outputs, definition, label_names):
-        return dict(predictions=np.array([int(np.argmax(o)) for o in outputs], np.int64),
-                    references=np.array([e["label"] for e in examples], np.int64))
+        return argmax_predictions(examples, outputs)
 
     def describe(self, example, label_names):
         return " ||| ".join(example["texts"]) + f"  ->  {label_names[example['label']]}"
@@ -371,8 +376,7 @@ class MultipleChoice(TaskType):
         return arrays
 
     def postprocess(self, examples, features, outputs, definition, label_names):
-        return dict(predictions=np.array([int(np.argmax(o)) for o in outputs], np.int64),
-                    references=np.array([e["label"] for e in examples], np.int64))
+        return argmax_predictions(examples, outputs)
 
     def describe(self, example, label_names):
         choices = "\n".join(f"    {'*' if i == example['label'] else ' '} {name}: {choice}"
