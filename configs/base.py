@@ -51,6 +51,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.buckets = (32, 64, 128, 256)  # padded sequence lengths; one compiled shape each
     # homogeneous (one task per batch) | mixed (task_id per example) | stacked ([T, B//T, ...])
     c.data.batch_mode = "homogeneous"
+    # Sequence packing (data/packing.py): several examples per row, train.batch_size still counts
+    # examples; homogeneous and mixed batches, one host. Evaluation stays unpacked.
+    c.data.packing = False
+    c.data.packing_length = 0  # tokens per packed row; 0 = the bucket of the longest example
+    c.data.packing_row_multiple = 8  # rows per step rounded up to this (a multiple of the
+    # data x fsdp devices): fewer compiled shapes
     c.data.sampler = "proportional"  # proportional | temperature | uniform | round_robin
     c.data.temperature = 2.0  # for sampler=temperature
     c.data.size_cap = 0  # proportional: per-task example cap (T5 paper's K); 0 = no cap

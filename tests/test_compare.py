@@ -403,6 +403,7 @@ def test_report_combines_each_setups_fine_tunes_into_one_row(tmp_path):
 
 @pytest.mark.skipif(not (REPO / "mtl_jax" / "training" / "runner.py").exists(),
                     reason="mtl_jax.main does not train yet (no mtl_jax/training/runner.py)")
+@pytest.mark.slow  # test_compare_hard_then_its_fine_tune_end_to_end_tiny is the default tier's
 def test_compare_end_to_end_tiny(shared_data, tmp_path):
     """Two tiny setups on RTE through real `python -m mtl_jax.main` subprocesses, then a report."""
     cmd = [sys.executable, "-m", "mtl_jax.compare",
@@ -521,6 +522,7 @@ def test_reference_schedule_is_mtl_jax_linear_schedule():
                                [float(ours(s)) for s in range(total + 3)], rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow  # trains MiniLM in PyTorch
 def test_reference_script_trains_writes_results_and_resumes(shared_data, minilm_path, tmp_path):
     """bench/hf_reference.py on the real MiniLM, 2 steps of RTE and CoNLL-2003 (tiny data caps)."""
     cmd = [sys.executable, "bench/hf_reference.py", f"--workdir={tmp_path}",

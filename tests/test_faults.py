@@ -35,7 +35,18 @@ def ctx(tmp_path_factory):
     return make_context(tmp_path_factory.mktemp("faults"), cache_dir_for(tmp_path_factory))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+# Cases whose behaviour the default tier also checks in-process or in tests/test_resume.py
+# (SIGTERM/SIGKILL resume, a corrupt checkpoint, the workdir lock, the non-finite policy, a
+# changed num_steps): they run in the extended tier (pytest -m slow).
+EXTENDED_CASES = {"a second run on a workdir in use",
+                  "resume with a longer schedule (`train.num_steps`, may change)",
+                  "SIGTERM during training", "SIGKILL during training, then the same command",
+                  "a corrupt latest checkpoint", "the loss turns non-finite (`optim.lr=1e30`)"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow)
+                                  if c.name in EXTENDED_CASES else c for c in CASES],
+                         ids=[c.name for c in CASES])
 def test_case(case, ctx, tmp_path):
     if "chattr" in case.name and not _chattr_works(tmp_path):
         pytest.skip("chattr +i is not available here (needs root on ext4/xfs)")
@@ -46,6 +57,7 @@ def test_case(case, ctx, tmp_path):
 def test_every_case_has_a_distinct_name():
     names = [c.name for c in CASES]
     assert len(names) == len(set(names)) and len(names) >= 50
+    assert EXTENDED_CASES <= set(names)
 
 
 # --- the workdir lock and the config record, in-process --------------------------------------
@@ -173,6 +185,7 @@ def _interrupt(ctx, workdir, step, how):
     assert code == (75 if how == "term" else -signal.SIGKILL), (how, code, "".join(seen[-20:]))
 
 
+@pytest.mark.slow  # ~4 CPU-minutes; test_resume's kill/resume runs are the default tier's
 def test_soak_interrupted_ten_times_ends_bit_identical(ctx, tmp_path):
     straight = subprocess.Popen(  # alongside the interrupted sittings: they wait on start-up
         main_command(f"--config={ctx.config}", f"--workdir={tmp_path / 'straight'}", *SOAK_ARGS),

@@ -279,6 +279,7 @@ def test_train_mode_checks_init_from_before_training_and_leaves_no_workdir(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # the in-process init_from tests here are the default tier's
 def test_single_task_run_from_a_multitask_checkpoint_end_to_end(tmp_path, tmp_path_factory):
     """A sent+ner checkpoint -> a sent-only run (lr 0: its final params are its initial ones),
     then a resume of it with the source gone (a resume ignores init_from). One layer and two

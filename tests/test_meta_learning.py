@@ -465,6 +465,7 @@ def _start_paused(config, workdir, env, step, flags):
     raise AssertionError("the run ended before pausing:\n" + "".join(seen))
 
 
+@pytest.mark.slow  # the default tier resumes the standard trainer (tests/test_resume.py)
 def test_reptile_run_killed_and_resumed_is_bit_identical(tmp_path_factory):
     """On 1 device with a 1-layer encoder: what is checked (the episode iterator's state and the
     meta step resume exactly) does not depend on either, and the compile dominates."""

@@ -91,6 +91,8 @@ def test_batch_spreads_token_counts_unevenly_over_devices():
         assert sorted(c for c in per_device if c) == [2, 24], per_device
 
 
+@pytest.mark.slow  # trains every strategy; test_step's one-device/data/fsdp/pmap test is the
+# default tier's check that they agree
 @pytest.mark.parametrize("name", [n for n in SETUPS if n != "jit1"])
 def test_strategies_agree_on_every_task_type(runs, name):
     ref_losses, ref_params, _ = runs["jit1"]
@@ -110,6 +112,7 @@ def test_strategies_agree_on_every_task_type(runs, name):
         np.testing.assert_allclose(a, b, atol=1e-4, err_msg=where)
 
 
+@pytest.mark.slow  # shares the fixture that trains every strategy
 def test_fsdp_really_shards_and_pmap_really_replicates(runs):
     fsdp_state, pmap_state = runs["jit8_fsdp"][2], runs["pmap8"][2]
     emb = fsdp_state.params["encoder"]["embeddings"]["word_embeddings"]["embedding"]

@@ -129,6 +129,7 @@ def test_checkpoint_written_on_8_devices_evaluates_on_1(setup, straight):
     assert "final (step 4)" in proc.stdout
 
 
+@pytest.mark.slow  # jit runs resume in the default tier; pmap == jit is test_step's
 def test_pmap_run_killed_and_resumed_matches_an_uninterrupted_pmap_run(setup):
     """parallel.mode=pmap saves one unreplicated copy and replicates it again on resume."""
     root, config, cache = setup
@@ -151,6 +152,7 @@ def test_pmap_run_killed_and_resumed_matches_an_uninterrupted_pmap_run(setup):
     assert final == json.loads((straight / "results.json").read_text())["final"]
 
 
+@pytest.mark.slow  # weighting state round trip: test_checkpoint_manager
 def test_meta_weighting_run_killed_and_resumed_is_bit_identical(setup):
     """weighting.name=meta: the weights' Adam state and the held-out stream resume too."""
     root, config, cache = setup

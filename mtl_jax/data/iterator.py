@@ -7,9 +7,12 @@ exactly the batches the uninterrupted run would have produced. Each host reads t
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mtl_jax.data import batching
+from mtl_jax.data import packing as packing_lib
 from mtl_jax.data.samplers import build_sampler
 from mtl_jax.errors import UserError
 
@@ -50,9 +53,11 @@ class TrainIterator:
 
     def __init__(self, tasks: list, batch_size: int, seed: int, data_config, keys: tuple[str, ...],
                  process_index: int = 0, process_count: int = 1, train_indices=None,
-                 heldout=None, episode: batching.Episode | None = None):
+                 heldout=None, episode: batching.Episode | None = None,
+                 row_shards: int = 1):
         # train_indices: per task, the features it trains on (None: all); heldout: a
-        # data.heldout.HeldOutBatches whose ``meta/`` arrays join every batch.
+        # data.heldout.HeldOutBatches whose ``meta/`` arrays join every batch; row_shards: the
+        # devices packed rows are split over (data x fsdp): their count is a multiple of it.
         if batch_size % process_count:
             raise UserError(f"train batch size {batch_size} is not divisible by the "
                             f"{process_count} hosts")
@@ -82,6 +87,8 @@ class TrainIterator:
         self.episode = episode  # meta-learning's [K, S', b] layout (replaces data.batch_mode)
         if episode is not None:
             self.mode, self.episode_rows = "episode", _local_rows(episode, process_count)
+        self.packing = _packing(data_config, tasks, self.mode, self.buckets, process_count,
+                                row_shards)
 
     @property
     def rates(self) -> dict[str, float]:
@@ -101,6 +108,8 @@ class TrainIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         make = getattr(self, f"_{self.mode}")
         batch = make()
+        if self.packing is not None:
+            batch = packing_lib.pack_batch(batch, *self.packing)
         if self.heldout is not None:
             batch.update(self.heldout.next())
         self.step += 1
@@ -183,3 +192,26 @@ def _local_rows(episode: batching.Episode, process_count: int) -> int:
                         f"train.batch_size) must be a multiple of the {process_count} hosts and "
                         f"every count at least 1")
     return episode.rows // process_count
+
+
+PACKABLE_MODES = ("homogeneous", "mixed")
+
+
+def _packing(data_config, tasks, mode: str, buckets, process_count: int, row_shards: int):
+    """(row length, row multiple) with data.packing on, else None (see data/packing.py)."""
+    if not data_config.packing:
+        return None
+    if mode not in PACKABLE_MODES:
+        what = "meta-learning episodes" if mode == "episode" else f"data.batch_mode={mode}"
+        raise UserError(f"data.packing packs {' and '.join(PACKABLE_MODES)} batches, not "
+                        f"{what}; set data.packing=False or data.batch_mode=mixed")
+    if process_count > 1:
+        raise UserError(f"data.packing runs on one host (this run has {process_count}): hosts "
+                        f"would fill different numbers of rows; set data.packing=False")
+    longest = max(int(np.max(t.features.lengths, initial=1)) for t in tasks)
+    length = int(data_config.packing_length) or batching.bucket_length(longest, buckets)
+    if length < longest:
+        raise UserError(f"data.packing_length={length} is shorter than the longest training "
+                        f"example ({longest} tokens); raise it or set it to 0 (the bucket of the "
+                        f"longest example)")
+    return length, math.lcm(int(data_config.packing_row_multiple), int(row_shards))

@@ -76,10 +76,13 @@ class RunData:
                        process_index: int | None = None,
                        process_count: int | None = None,
                        heldout: HeldOut | None = None,
-                       episode: batching.Episode | None = None) -> TrainIterator:
+                       episode: batching.Episode | None = None,
+                       row_shards: int = 1) -> TrainIterator:
         """``batch_size`` is global (default train.batch_size); each host builds its share.
         ``heldout``: also draw held-out batches (``meta/`` keys, see data/heldout.py);
-        ``episode``: meta-learning's [K, S', b] batches instead of data.batch_mode's."""
+        ``episode``: meta-learning's [K, S', b] batches instead of data.batch_mode's;
+        ``row_shards``: the devices a packed batch's rows are split over (data x fsdp; the
+        runner's ``Run.row_shards``)."""
         if process_index is None or process_count is None:
             import jax
 
@@ -92,7 +95,8 @@ class RunData:
                                                 process_count)
         return TrainIterator(tasks, batch_size or self.config.train.batch_size, seed,
                              self.config.data, self.keys, process_index, process_count,
-                             train_indices=train_indices, heldout=held, episode=episode)
+                             train_indices=train_indices, heldout=held, episode=episode,
+                             row_shards=row_shards)
 
     def _heldout(self, tasks, heldout: HeldOut, seed, process_index, process_count):
         """(per-task train feature indices or None, the HeldOutBatches) of ``heldout``."""

@@ -24,11 +24,16 @@ class Prefix(NamedTuple):
 
     keys, values: [num_layers, B, P, num_heads, head_dim]; mask: [B, P], 1 = attend.
     T5: prefix keys get zero relative position bias (they have no position).
+    Packed rows (models/packing.py) hold every task's prefix slots: ``key_tasks`` [B, P] is each
+    slot's task and ``query_tasks`` [B, L] each token's, and a query sees its own task's slots
+    only. Without them (None) every query of a row sees the row's prefix.
     """
 
     keys: jax.Array
     values: jax.Array
     mask: jax.Array
+    key_tasks: Optional[jax.Array] = None
+    query_tasks: Optional[jax.Array] = None
 
 
 def resolve_attention_impl(name: str, dtype) -> str:
@@ -59,12 +64,22 @@ def pad_bias_for_prefix(bias: jax.Array, prefix_length: int) -> jax.Array:
 def segment_mask(segment_ids: jax.Array, prefix_mask: Optional[jax.Array] = None) -> jax.Array:
     """[B, L] segment ids (0 = padding) -> boolean [B, 1, L, P + L] mask for packed rows: a query
     sees the keys of its own segment only, and (with a [B, P] ``prefix_mask``, 1 = attend) the
-    row's prefix keys; a padding query sees nothing. A per-segment prefix (packing rows of
-    different tasks) is the same rule with the prefix keys' own segment ids in place of the
-    row-wide ``prefix_mask``: ``_same_segment(segment_ids, prefix_segment_ids)``."""
+    row's prefix keys; a padding query sees nothing. Rows of several tasks' segments with
+    per-task prefix slots: ``packed_mask``."""
     keys = _same_segment(segment_ids, segment_ids)
     if prefix_mask is not None:
         keys = jnp.concatenate([_row_prefix_visible(segment_ids, prefix_mask), keys], axis=-1)
+    return keys[:, None]
+
+
+def packed_mask(segment_ids: jax.Array, prefix: Optional[Prefix] = None) -> jax.Array:
+    """``segment_mask`` of packed rows whose prefix slots belong to tasks (``Prefix.key_tasks``):
+    a query sees its own segment and the slots of its own token's task."""
+    if prefix is None or prefix.key_tasks is None:
+        return segment_mask(segment_ids, None if prefix is None else prefix.mask)
+    query = jnp.where(segment_ids > 0, prefix.query_tasks + 1, 0)
+    visible = _same_segment(query, prefix.key_tasks + 1) & (prefix.mask[:, None, :] > 0)
+    keys = jnp.concatenate([visible, _same_segment(segment_ids, segment_ids)], axis=-1)
     return keys[:, None]
 
 
@@ -136,10 +151,13 @@ def _attention_with_dropout(query, key, value, bias, mask, scale, rate, rng):
 
 
 def prepare_attention(attention_mask, prefix: Optional[Prefix], num_layers: int, num_heads: int,
-                      head_dim: int, position_bias=None):
-    """-> (mask [B,1,1,P+L], bias [1,N,L,P+L] | None, (keys, values) | None) for the layer stack."""
+                      head_dim: int, position_bias=None, segment_ids=None):
+    """-> (mask [B,1,1,P+L] ([B,1,L,P+L] for packed rows, ``segment_ids`` [B, L]),
+    bias [1,N,L,P+L] | None, (keys, values) | None) for the layer stack."""
     if prefix is None:
-        return build_mask(attention_mask), position_bias, None
+        mask = (build_mask(attention_mask) if segment_ids is None
+                else segment_mask(segment_ids))
+        return mask, position_bias, None
     batch = attention_mask.shape[0]
     want = (num_layers, batch, prefix.keys.shape[2], num_heads, head_dim)
     if prefix.keys.shape != want or prefix.values.shape != want:
@@ -149,7 +167,8 @@ def prepare_attention(attention_mask, prefix: Optional[Prefix], num_layers: int,
     if prefix.mask.shape != (batch, want[2]):
         raise UserError(f"prefix mask has shape {prefix.mask.shape}; it must be [B, P] = "
                         f"{(batch, want[2])}")
-    mask = build_mask(attention_mask, prefix.mask)
+    mask = (build_mask(attention_mask, prefix.mask) if segment_ids is None
+            else packed_mask(segment_ids, prefix))
     if position_bias is not None:
         position_bias = pad_bias_for_prefix(position_bias, want[2])
     return mask, position_bias, (prefix.keys, prefix.values)

@@ -25,17 +25,19 @@ class BertEmbeddings(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    def __call__(self, input_ids, token_type_ids, deterministic: bool, position_ids=None):
         cfg = self.cfg
         length = input_ids.shape[1]
-        if length > cfg.max_position_embeddings:
+        # packed rows (position_ids given) restart positions per segment: any row length fits
+        if position_ids is None and length > cfg.max_position_embeddings:
             raise UserError(f"sequence length {length} exceeds the encoder's "
                             f"max_position_embeddings={cfg.max_position_embeddings}; use shorter "
                             "buckets (data.buckets)")
         e = cfg.hidden_size
         x = embed(cfg.vocab_size, e, ("vocab", "embed"), cfg, "word_embeddings")(input_ids)
         x = x + embed(cfg.max_position_embeddings, e, (None, "embed"), cfg,
-                      "position_embeddings")(jnp.arange(length)[None])
+                      "position_embeddings")(
+            jnp.arange(length)[None] if position_ids is None else position_ids)
         x = x + embed(cfg.type_vocab_size, e, (None, "embed"), cfg,
                       "token_type_embeddings")(token_type_ids)
         x = LayerNorm(cfg, name="layer_norm")(x)
@@ -59,15 +61,18 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, task_ids=None,
-                 prefix=None, deterministic: bool = True):
+                 prefix=None, deterministic: bool = True, segment_ids=None, position_ids=None):
+        # segment_ids / position_ids: packed rows (models/packing.py)
         cfg = self.cfg
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+        x = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic,
+                                                   position_ids)
         mask, bias, prefix_kv = prepare_attention(attention_mask, prefix, cfg.num_layers,
-                                                  cfg.num_heads, cfg.head_dim)
+                                                  cfg.num_heads, cfg.head_dim,
+                                                  segment_ids=segment_ids)
         x = LayerStack(cfg, name="layers")(x, prefix_kv, bias, mask, task_ids, deterministic)
         if self.is_initializing():  # create pooler/dense; heads apply it through `pool`
             BertPooler(cfg, name="pooler")(x)

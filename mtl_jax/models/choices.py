@@ -20,8 +20,8 @@ ROW_KEYS = ("task_id", "weight")  # per row: repeated for each of its slots
 
 def num_choices(batch) -> int:
     """C of a [B, C, L] batch, 0 for [B, L]."""
-    ids = batch["input_ids"]
-    return ids.shape[1] if ids.ndim == 3 else 0
+    mask = batch["attention_mask"]  # packed batches (models/packing.py) have no input_ids
+    return mask.shape[1] if mask.ndim == 3 else 0
 
 
 def encoder_batch(batch) -> dict:
@@ -40,7 +40,7 @@ def head_features(hidden: jax.Array, pooled: jax.Array, batch) -> Features:
     choices = num_choices(batch)
     if not choices:
         return Features(hidden, batch["attention_mask"], pooled)
-    rows = batch["input_ids"].shape[0]
+    rows = batch["attention_mask"].shape[0]
     hidden = hidden.reshape((rows, choices) + hidden.shape[1:])
     per_slot = pooled.reshape((rows, choices) + pooled.shape[1:])
     return Features(hidden[:, 0], batch["attention_mask"][:, 0], per_slot[:, 0], per_slot)

@@ -57,7 +57,15 @@ def token_loss(logits, batch):
 
 @LOSSES.register("extractive_qa")
 def span_loss(logits, batch):
-    """(CE(start) + CE(end)) / 2; an example counts when both positions are inside the sequence."""
+    """(CE(start) + CE(end)) / 2; an example counts when both positions are inside the sequence.
+
+    The softmax runs over the example's real tokens (``attention_mask``): padding is never an
+    answer, and a packed example (data/packing.py) has no padding hidden states to score, so
+    this is what makes its loss equal the unpacked one. (Transformers' BERT QA head scores the
+    padding too, which moves its loss by the pads' share of the probability mass.)"""
+    if "attention_mask" in batch:
+        real = batch["attention_mask"][..., None] > 0
+        logits = jnp.where(real, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     start_nll, start_ok = _cross_entropy(logits[..., 0], batch["start_positions"])
     end_nll, end_ok = _cross_entropy(logits[..., 1], batch["end_positions"])
     valid = start_ok * end_ok

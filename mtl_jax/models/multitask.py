@@ -31,6 +31,7 @@ from mtl_jax.models import choices as choices_lib
 from mtl_jax.models import heads as heads_lib
 from mtl_jax.models import param_groups
 from mtl_jax.models import losses as losses_lib
+from mtl_jax.models import packing as packing_lib
 from mtl_jax.models import peft_layers
 from mtl_jax.models import sharing as sharing_lib
 from mtl_jax.models import summary as summary_lib
@@ -145,13 +146,11 @@ class MultiTaskModel:
     # --- forward --------------------------------------------------------------------------
 
     def _encode(self, encoder_params, batch, prefix, rng, deterministic):
-        task_ids = batch["task_id"].astype(jnp.int32)
         rngs = {} if deterministic else {"dropout": rng}
-        hidden = self.encoder.apply(
-            {"params": encoder_params}, batch["input_ids"], batch["attention_mask"],
-            token_type_ids=batch.get("token_type_ids"),
-            task_ids=task_ids if self.encoder_config.num_tasks else None,
-            prefix=prefix, deterministic=deterministic, rngs=rngs)
+        inputs = packing_lib.encoder_inputs(batch, with_task_ids=self.encoder_config.num_tasks > 0)
+        hidden = self.encoder.apply({"params": encoder_params}, **inputs, prefix=prefix,
+                                    deterministic=deterministic, rngs=rngs)
+        hidden = packing_lib.example_hidden(hidden, batch)  # packed rows -> [B, Le, H]
         pooled = heads_lib.POOLINGS.get(self.pooling)(hidden, batch["attention_mask"],
                                                      encoder_params)
         return hidden, pooled

@@ -2,7 +2,8 @@
 LoRA merging.
 
 Per-task parameters are stacked on a leading task axis [num_tasks, ...] and gathered per example
-by ``task_ids`` [B], so a batch may mix tasks without a Python loop over them.
+by ``task_ids`` [B], so a batch may mix tasks without a Python loop over them; packed rows
+(models/packing.py) route per token (``task_ids`` [B, L], ``_task_down``).
 
 ``PEFT_KINDS`` maps a ``peft.kind`` to a ``PeftKind``: everything the kind needs from the model,
 as pure functions, so ``MultiTaskModel`` never tests the kind's name:
@@ -73,6 +74,36 @@ def _per_example_contract(x, w, n_in: int):
     return jax.lax.dot_general(x, w, ((x_axes, tuple(range(1, n_in + 1))), ((0,), (0,))))
 
 
+def _task_down(x, w, task_ids, n_in: int, bias=None, activation=None):
+    """x [B, L, *in] through its task's w[t] [*in, k] (+ bias[t], then ``activation``).
+
+    task_ids [B] (one task per example): [B, L, k]. task_ids [B, L] (packed rows, one task per
+    token): [B, L, T, k] with every task's product and zeros outside the token's own task, which
+    ``_task_up`` contracts over (T, k): per-token routing with no [B, L, *in, k] gather, at T
+    times the (small) k-wide work."""
+    if task_ids.ndim == 1:
+        h = _per_example_contract(x, w[task_ids], n_in)
+        h = h if bias is None else h + bias[task_ids][:, None]
+        return h if activation is None else activation(h)
+    h = _contract(x, jnp.moveaxis(w, 0, n_in), n_in)  # [B, L, T, k]
+    h = h if bias is None else h + bias
+    h = h if activation is None else activation(h)
+    own = jax.nn.one_hot(task_ids, w.shape[0], dtype=h.dtype)  # [B, L, T]
+    return h * own[..., None]
+
+
+def _task_up(h, w, task_ids):
+    """``_task_down``'s output through its task's w[t] [k, *out] -> [B, L, *out]."""
+    if task_ids.ndim == 1:
+        return _per_example_contract(h, w[task_ids], 1)
+    return jax.lax.dot_general(h, w, (((h.ndim - 2, h.ndim - 1), (0, 1)), ((), ())))
+
+
+def _task_bias(b, task_ids):
+    """b [T, *out] per example ([B, 1, *out]) or per token ([B, L, *out])."""
+    return b[task_ids][:, None] if task_ids.ndim == 1 else b[task_ids]
+
+
 class Dense(nn.Module):
     """Dense over the last ``n_in`` input axes, with optional per-task LoRA.
 
@@ -120,8 +151,8 @@ class Dense(nn.Module):
             nn.initializers.zeros, (TASK_AXIS, None) + axes_out),
             (cfg.num_tasks, cfg.lora_rank) + features, jnp.float32)
         x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic).astype(dtype)
-        h = _per_example_contract(x, lora_a[task_ids].astype(dtype), self.n_in)  # [B, L, r]
-        y = _per_example_contract(h, lora_b[task_ids].astype(dtype), 1)
+        h = _task_down(x, lora_a.astype(dtype), task_ids, self.n_in)  # [B, L, (T,) r]
+        y = _task_up(h, lora_b.astype(dtype), task_ids)
         return y * (cfg.lora_alpha / cfg.lora_rank)
 
 
@@ -141,10 +172,10 @@ class Adapter(nn.Module):
         down_b = param("down_bias", nn.initializers.zeros, (t, s), (None,))
         up_k = param("up_kernel", nn.initializers.zeros, (t, s, e), (None, "embed"))
         up_b = param("up_bias", nn.initializers.zeros, (t, e), ("embed",))
-        h = _per_example_contract(x.astype(dtype), down_k[task_ids].astype(dtype), 1)
-        h = ACTIVATIONS.get(ADAPTER_ACTIVATION)(h + down_b[task_ids][:, None].astype(dtype))
-        h = _per_example_contract(h, up_k[task_ids].astype(dtype), 1)
-        return x + h + up_b[task_ids][:, None].astype(dtype)
+        h = _task_down(x.astype(dtype), down_k.astype(dtype), task_ids, 1,
+                       bias=down_b.astype(dtype), activation=ACTIVATIONS.get(ADAPTER_ACTIVATION))
+        h = _task_up(h, up_k.astype(dtype), task_ids)
+        return x + h + _task_bias(up_b.astype(dtype), task_ids)
 
 
 def merge_lora(params: Mapping[str, Any], cfg: EncoderConfig, task_index: int) -> dict:
@@ -226,7 +257,10 @@ def _init_prefix(rng, peft_config, num_tasks: int, encoder_config: EncoderConfig
 
 
 def _gather_prefix(params, batch) -> Prefix:
-    return prefix_lib.gather_prefix(params["prefix"], batch["task_id"])  # either prefix form
+    """Each example's task prefix (either prefix form); packed rows hold every task's."""
+    if "packed_task_ids" in batch:
+        return prefix_lib.packed_prefix(params["prefix"], batch["packed_task_ids"])
+    return prefix_lib.gather_prefix(params["prefix"], batch["task_id"])
 
 
 PEFT_KINDS.register("none", PeftKind(encoder_overrides=_no_overrides, freezes_checkpoint=False))

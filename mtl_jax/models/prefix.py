@@ -58,3 +58,23 @@ def gather_prefix(prefix_params, task_ids) -> Prefix:
     keys, values = per_example(keys), per_example(values)
     mask = jnp.ones(keys.shape[1:3], jnp.int32)
     return Prefix(keys, values, mask)
+
+
+def packed_prefix(prefix_params, token_tasks) -> Prefix:
+    """Packed rows (``token_tasks`` [R, L], each token's task): every task's P slots in every
+    row, keys/values [layers, R, T * P, heads, head_dim], each slot tagged with its task
+    (``Prefix.key_tasks``) so a query attends to its own task's slots only (attention.packed_mask).
+    """
+    keys, values = prefix_table(prefix_params)
+    tasks, layers, length = keys.shape[:3]
+    rows = token_tasks.shape[0]
+
+    def in_every_row(x):  # [T, layers, P, ...] -> [layers, R, T * P, ...]
+        x = jnp.swapaxes(x, 0, 1).reshape((layers, tasks * length) + x.shape[3:])
+        return jnp.broadcast_to(x[:, None], (layers, rows) + x.shape[1:])
+
+    slot_tasks = jnp.repeat(jnp.arange(tasks, dtype=jnp.int32), length)
+    return Prefix(in_every_row(keys), in_every_row(values),
+                  jnp.ones((rows, tasks * length), jnp.int32),
+                  key_tasks=jnp.broadcast_to(slot_tasks, (rows, tasks * length)),
+                  query_tasks=token_tasks.astype(jnp.int32))

@@ -62,8 +62,10 @@ class T5Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, task_ids=None,
-                 prefix=None, deterministic: bool = True):
-        del token_type_ids  # T5 has no segment embeddings
+                 prefix=None, deterministic: bool = True, segment_ids=None, position_ids=None):
+        # T5 has no segment embeddings; packed rows (models/packing.py) need no position ids:
+        # the relative bias depends on key - query only, the same inside a segment anywhere.
+        del token_type_ids, position_ids
         cfg = self.cfg
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -72,7 +74,8 @@ class T5Encoder(nn.Module):
         position_bias = RelativePositionBias(cfg, name="relative_attention_bias")(
             input_ids.shape[1])
         mask, bias, prefix_kv = prepare_attention(attention_mask, prefix, cfg.num_layers,
-                                                  cfg.num_heads, cfg.head_dim, position_bias)
+                                                  cfg.num_heads, cfg.head_dim, position_bias,
+                                                  segment_ids=segment_ids)
         x = LayerStack(cfg, name="layers")(x, prefix_kv, bias, mask, task_ids, deterministic)
         x = RMSNorm(cfg, name="final_norm")(x)
         return dropout(x).astype(jnp.float32)

@@ -83,7 +83,7 @@ def train(run, workdir: str, *, evaluate_fn: Callable | None = None,
     ckpt = CheckpointManager.from_config(workdir, config)
     if ckpt.all_steps():  # a resume: refused before anything is read or written if settings differ
         workdir_lib.check_resume_config(workdir, run.config_json)
-    it = run.data.train_iterator(t.batch_size, config.data.shuffle_seed,
+    it = run.data.train_iterator(t.batch_size, config.data.shuffle_seed, row_shards=run.row_shards,
                                  heldout=weighting_lib.heldout_of(config),
                                  episode=trainers_lib.get(config).episode(config))
     progress = Progress(EarlyStopping.from_config(config))

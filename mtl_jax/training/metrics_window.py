@@ -135,28 +135,42 @@ class HostWindow:
     task_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     task_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     task_pads: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    # Packed batches (data/packing.py): the rows' token slots and pad slots. A row holds several
+    # tasks' examples, so there is no per-task padding; mixing is counted per example as above.
+    packed_slots: float = 0.0
+    packed_pads: float = 0.0
 
     def add(self, batch: Mapping, flops_per_example: Callable[[int], float]) -> None:
         """Counts one step's host batch (this process's rows; every process has as many). Any
         layout: [B], stacked [T, b] or episode [K, S', b] rows; ``meta/`` held-out rows are not
         trained on and not counted."""
         real = np.asarray(batch["weight"]).reshape(-1) > 0
-        length = np.shape(batch["input_ids"])[-1]
         mask = np.asarray(batch["attention_mask"]).reshape(real.size, -1)[real]
         tokens = mask.sum(-1, dtype=np.float64)  # [real rows]
         n = float(real.sum()) * jax.process_count()
         self.steps += 1
         self.examples += n
         self.tokens += float(tokens.sum()) * jax.process_count()
+        task_ids = np.asarray(batch["task_id"]).reshape(-1)[real]
+        if "packed_segment_ids" in batch:  # packed rows: what runs is R rows of Lp tokens
+            rows, length = np.shape(batch["packed_segment_ids"])
+            self.flops += rows * jax.process_count() * flops_per_example(length)
+            self.packed_slots += float(rows * length)
+            self.packed_pads += float(rows * length - tokens.sum())
+            self._count_tasks(task_ids, tokens, 0)
+            return
+        length = np.shape(batch["input_ids"])[-1]
         self.flops += n * flops_per_example(length)
-        self._count_tasks(np.asarray(batch["task_id"]).reshape(-1)[real], tokens, mask.shape[1])
+        self._count_tasks(task_ids, tokens, mask.shape[1])
 
     def _count_tasks(self, task_ids: np.ndarray, tokens: np.ndarray, slots: int) -> None:
         size = max(self.task_rows.size, int(task_ids.max(initial=-1)) + 1)
         count = functools.partial(np.bincount, task_ids, minlength=size)
         self.task_rows = _grown(self.task_rows, size) + count()
         self.task_slots = _grown(self.task_slots, size) + count() * float(slots)
-        self.task_pads = _grown(self.task_pads, size) + count(weights=slots - tokens)
+        # slots 0 (packed rows): the examples count, no per-task slots or pads
+        pads = count(weights=slots - tokens) if slots else count() * 0.0
+        self.task_pads = _grown(self.task_pads, size) + pads
 
     def task_fractions(self, task_names: list[str]) -> dict[str, float]:
         """``train/mixing/<task>``: task t's share of the window's examples (0 when absent);
@@ -168,10 +182,11 @@ class HostWindow:
                              for a in (self.task_rows, self.task_slots, self.task_pads))
         if not rows.sum():
             return {}
-        out = {"train/padding_fraction": float(pads.sum() / slots.sum())}
+        total_slots, total_pads = slots.sum() + self.packed_slots, pads.sum() + self.packed_pads
+        out = {"train/padding_fraction": float(total_pads / total_slots)}
         for name, n, s, p in zip(task_names, rows, slots, pads):
             out[f"train/mixing/{name}"] = float(n / rows.sum())
-            if n:
+            if s:
                 out[f"train/padding_fraction/{name}"] = float(p / s)
         return out
 

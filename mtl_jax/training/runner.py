@@ -80,6 +80,12 @@ class Run:
         raise UserError(f"unknown task {task!r}; "
                         f"tasks in this config: {', '.join(self.task_names)}")
 
+    @property
+    def row_shards(self) -> int:
+        """The devices a packed batch's rows are split over (data x fsdp): the packer rounds
+        the row count to a multiple of it."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
     def batch(self, host_batch: dict):
         return self.strategy.place_batch(host_batch)
 

@@ -66,6 +66,7 @@ POSITIVE = {
     "weighting.cagrad_steps": "CAGrad dual steps",
     "weighting.meta_every": "steps between meta-weight updates",
     "peft.prefix_length": "prefix positions",
+    "data.packing_row_multiple": "the multiple packed rows are rounded up to",
     "peft.prefix_hidden": "prefix MLP width",
     "peft.adapter_size": "adapter width",
     "peft.lora_rank": "LoRA rank",
@@ -74,7 +75,7 @@ POSITIVE = {
 NON_NEGATIVE = ("optim.lr", "optim.clip_norm", "optim.weight_decay", "data.size_cap",
                 "eval.max_examples", "train.early_stopping_patience", "sharing.soft_lambda",
                 "train.early_stopping_min_delta", "weighting.meta_lr", "weighting.meta_virtual_lr",
-                "weighting.meta_batch_size")
+                "weighting.meta_batch_size", "data.packing_length")
 FRACTIONS = ("optim.warmup_fraction", "heads.dropout", "peft.lora_dropout")  # in [0, 1]
 
 
@@ -117,6 +118,26 @@ def _check_batch_layout(config) -> None:
     if config.data.batch_mode == "stacked" and tasks and batch % tasks:
         raise UserError(f"train.batch_size={batch} must be a multiple of the {tasks} tasks with "
                         f"data.batch_mode=stacked (one sub-batch per task)")
+    if config.data.packing:
+        _check_packing(config)
+
+
+def _check_packing(config) -> None:
+    from mtl_jax.data.iterator import PACKABLE_MODES
+    from mtl_jax.tasks.types import TASK_TYPES
+
+    if config.data.batch_mode not in PACKABLE_MODES:
+        raise UserError(f"data.packing packs {' and '.join(PACKABLE_MODES)} batches, not "
+                        f"data.batch_mode={config.data.batch_mode}; set data.packing=False or "
+                        f"data.batch_mode=mixed")
+    if config.parallel.mode != "jit":
+        raise UserError(f"data.packing runs with parallel.mode=jit (a packed example's tokens may "
+                        f"sit on another device's rows), not {config.parallel.mode}; set "
+                        f"parallel.mode=jit")
+    for name, task in config.tasks.items():
+        if TASK_TYPES.get(task.type).has_choices:
+            raise UserError(f"data.packing cannot pack the choices of multiple-choice task "
+                            f"{name} ([B, C, L] batches); set data.packing=False")
 
 
 def _get(config, dotted: str):
