@@ -55,8 +55,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # examples; homogeneous and mixed batches, one host. Evaluation stays unpacked.
     c.data.packing = False
     c.data.packing_length = 0  # tokens per packed row; 0 = the bucket of the longest example
-    c.data.packing_row_multiple = 8  # rows per step rounded up to this (a multiple of the
-    # data x fsdp devices): fewer compiled shapes
+    c.data.packing_row_multiple = 1  # rows per step: this (times the data x fsdp devices)
+    # times one of 1, 2, 3, 4, 6, 8, 12, ...: few compiled shapes, under a third of rows padding
     c.data.sampler = "proportional"  # proportional | temperature | uniform | round_robin
     c.data.temperature = 2.0  # for sampler=temperature
     c.data.size_cap = 0  # proportional: per-task example cap (T5 paper's K); 0 = no cap

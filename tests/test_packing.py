@@ -46,6 +46,17 @@ def test_first_fit_decreasing_example_by_hand():
     assert packing.first_fit_decreasing([5, 7, 3, 4, 2], 10) == [[1, 2], [0, 3], [4]]
 
 
+def test_row_counts_are_few_and_waste_under_a_third():
+    sizes = sorted({2 ** k for k in range(8)} | {3 * 2 ** k for k in range(7)})
+    for multiple in (1, 2, 8):
+        for bins in range(1, 129):
+            rows = packing.row_count(bins, multiple)
+            units = -(-bins // multiple)
+            assert rows == multiple * min(s for s in sizes if s >= units), (bins, multiple)
+            assert rows - bins < max(rows / 3, multiple), (bins, multiple)
+    assert len({packing.row_count(b, 1) for b in range(1, 33)}) == 10  # 1, 2, 3, 4, 6, ..., 32
+
+
 def test_an_example_longer_than_a_row_is_one_line():
     with pytest.raises(UserError, match="raise data.packing_length"):
         packing.first_fit_decreasing([3, 13], 12)
