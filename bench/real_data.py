@@ -103,12 +103,12 @@ def bench_mtl_jax(config, steps: int) -> dict:
     start = it.get_state()
 
     def one_pass():
+        nonlocal state
         examples = nonpad = tokens = 0
         metrics = None
         t0 = time.perf_counter()
         for _ in range(steps):
             batch = next(it)
-            nonlocal state
             state, metrics = train_step(state, run.batch(batch), rng)
             e, n, t = count_tokens(batch)
             examples, nonpad, tokens = examples + e, nonpad + n, tokens + t
@@ -264,12 +264,13 @@ def table(path: pathlib.Path = RESULTS, last: int = 0) -> str:
     rows = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             if path.exists() else [])
     rows = rows[-last:] if last else rows
-    lines = ["| date | device | framework | batch mode | steps | examples/s | non-pad tokens/s "
-             "| padding | / torch |", "|" + " --- |" * 4 + " ---: |" * 5]
+    lines = ["| date | device | framework | attention | batch mode | steps | examples/s "
+             "| non-pad tokens/s | padding | / torch |", "|" + " --- |" * 5 + " ---: |" * 5]
     for r in rows:
         ratio = r.get("ratio_vs_torch")
         lines.append(f"| {r['date'][:16]} | {r['device']} | {r['framework']} | "
-                     f"{r['batch_mode']} | {r['steps']} | {r['examples_s']:.1f} | "
+                     f"{r['attention']} | {r['batch_mode']} | {r['steps']} | "
+                     f"{r['examples_s']:.1f} | "
                      f"{r['nonpad_tokens_s']:,.0f} | {r['padding_fraction']:.1%} | "
                      f"{'-' if ratio is None else format(ratio, '.2f')} |")
     return "\n".join(lines)

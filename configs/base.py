@@ -188,6 +188,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # eval/predict modes: which checkpoint to use, "best" (by train.early_stopping_metric;
     # the latest when none was scored) or "latest".
     c.eval.checkpoint = "best"
+    # A published comparison (mtl_jax.compare --publish's folder, e.g. "docs/results"): the end of
+    # training prints its figures for this run's tasks under the results table; "" = none.
+    c.eval.published = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.max_to_keep = 2  # latest checkpoints kept (resume point); >= 1

@@ -9,6 +9,7 @@ import jax
 
 from mtl_jax.evaluation.evaluate import evaluate_task
 from mtl_jax.tasks.definitions import task_definitions
+from mtl_jax.training.results import cell
 
 Metrics = Mapping[str, Mapping[str, float]]  # task -> metric name -> value
 
@@ -49,11 +50,17 @@ def results_table(final: Metrics, *, final_step: int, best: Metrics | None = Non
     rows = [header]
     for task in sorted(set(final) | set(best)):
         for name in sorted(set(final.get(task, {})) | set(best.get(task, {}))):
-            row = [task, name, _cell(final.get(task, {}).get(name))]
+            row = [task, name, cell(final.get(task, {}).get(name))]
             if best:
-                row.append(_cell(best.get(task, {}).get(name)))
+                row.append(cell(best.get(task, {}).get(name)))
             rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return plain_table(rows)
+
+
+def plain_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of text cells as aligned columns (the first two left, the rest right), the first
+    row a header underlined with dashes."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -74,7 +81,3 @@ def write_eval_results(workdir: str, step: int, which: str, metrics: Metrics,
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
     return path
-
-
-def _cell(value) -> str:
-    return "-" if value is None else f"{float(value):.4f}"

@@ -36,6 +36,7 @@ from mtl_jax.training.metrics_window import DeviceWindow, HostWindow, mixing_tar
 from mtl_jax.training.metrics_writer import METRICS_FILE, MetricsWriter
 from mtl_jax.training.preemption import PreemptionGuard
 from mtl_jax.training.progress import progress_display
+from mtl_jax.training import published
 from mtl_jax.training.results import write_results
 
 
@@ -280,6 +281,9 @@ def _finish(run, workdir, progress: Progress, step: int) -> dict:
         print(evaluate_loop.results_table(final, final_step=step,
                                           best=best.get("metrics"), best_step=best.get("step")),
               flush=True)
+        beside = published.published_table(run.config.eval.published, final)
+        if beside:
+            print("\n" + beside, flush=True)
     return record
 
 

@@ -54,15 +54,16 @@ def results_markdown(final: Metrics, *, final_step: int, best: Metrics | None = 
                   "| --- | ---: | ---: |"]
         names = sorted(set(final.get(task, {})) | set(best.get(task, {})))
         for name in names:
-            lines.append(f"| {name} | {_cell(final.get(task, {}).get(name))} | "
-                         f"{_cell(best.get(task, {}).get(name))} |")
+            lines.append(f"| {name} | {cell(final.get(task, {}).get(name))} | "
+                         f"{cell(best.get(task, {}).get(name))} |")
         if reports.get(task):
             lines += ["", "```", reports[task].rstrip(), "```"]
         lines.append("")
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
+    """A metric as table text (4 decimals; '-' when absent)."""
     return "-" if value is None else f"{float(value):.4f}"
 
 

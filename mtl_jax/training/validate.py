@@ -157,6 +157,15 @@ def check_run(run) -> None:
         _check_length(spec.name, definitions[spec.name].max_length, run)
         _check_metrics(spec, definitions[spec.name].metrics)
     _check_selection_metric(run, definitions)
+    _check_published(run.config.eval.published)
+
+
+def _check_published(folder: str) -> None:
+    from mtl_jax.tasks.definitions import resolve_path
+
+    if folder and not resolve_path(folder).is_dir():
+        raise UserError(f"eval.published={folder!r} is not a folder; set it to a published "
+                        f"comparison (mtl_jax.compare --publish=DEST, e.g. docs/results) or ''")
 
 
 def _check_length(task: str, max_length: int, run) -> None:
