@@ -38,6 +38,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch shares the GPU
 
@@ -277,13 +278,10 @@ def table(path: pathlib.Path = RESULTS, last: int = 0) -> str:
 
 
 def update_readme(readme: pathlib.Path = REPO / "bench" / "README.md") -> None:
-    begin, end = "<!-- real_data:begin -->", "<!-- real_data:end -->"
-    text = readme.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"error: {readme} lacks the {begin} / {end} markers; "
-                         f"add them where the table goes")
-    head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + "\n" + table() + "\n" + end + rest.split(end, 1)[1])
+    """Rewrites the table between the README's real_data markers from the results file."""
+    import readme_table
+
+    readme_table.update(readme, "real_data", table())
 
 
 def config_overrides(parser, argv: list[str]) -> dict:

@@ -204,13 +204,9 @@ def table(path: pathlib.Path = RESULTS, last: int = 0) -> str:
 
 def update_readme(readme: pathlib.Path = REPO / "bench" / "README.md") -> None:
     """Rewrites the table between the README's train_step markers from the results file."""
-    begin, end = "<!-- train_step:begin -->", "<!-- train_step:end -->"
-    text = readme.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"error: {readme} lacks the {begin} / {end} markers; "
-                         f"add them where the table goes")
-    head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + "\n" + table() + "\n" + end + rest.split(end, 1)[1])
+    import readme_table
+
+    readme_table.update(readme, "train_step", table())
 
 
 def main():
