@@ -1,7 +1,9 @@
 """Hugging Face PyTorch single-task fine-tuning under the comparison protocol (configs/compare.py).
 
 The reference row of ``mtl_jax.compare``'s report: ``BertModel`` from the local MiniLM weights + a
-linear head (dropout 0.1, [CLS] for sentence tasks, every token for CoNLL-2003), AdamW (lr 5e-5,
+linear head (dropout 0.1, [CLS] for sentence tasks, every token for CoNLL-2003, one score per
+(context, choice) pair's [CLS] for COPA), Transformers' ``BertForQuestionAnswering`` with its own
+loss for SQuAD (the same 384-token windows, stride 128), AdamW (lr 5e-5,
 weight decay 0.01 except biases and LayerNorm, eps 1e-8), 10% linear warm-up then linear decay,
 gradient clipping at 1.0 (optim.clip_norm), batch 32, seed 0. The batches and the evaluation are
 mtl_jax's own (``build_data`` + ``train_iterator`` + ``evaluate_task``): the same examples in the
@@ -12,6 +14,7 @@ numbers compare directly with ``DIR/runs/single_<task>``.
                                                                    # (rerun: tasks with a full
                                                                    # results.json are skipped)
   python bench/hf_reference.py --workdir=DIR --tasks=rte --max_steps=20    # a quick check
+  python bench/hf_reference.py --workdir=DIR --tasks=copa,squad     # the extra tasks' report
 
 Writes ``DIR/reference/<task>/{results.json,results.md,metrics.jsonl}`` (results.json in
 mtl_jax.training.results' schema, with trainable_params, wall_s and examples_per_s).
@@ -54,24 +57,96 @@ class Classifier(torch.nn.Module):
         torch.nn.init.normal_(self.head.weight, std=0.02)  # BERT's initializer_range
         torch.nn.init.zeros_(self.head.bias)
         self.per_token = per_token
+        self.loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def scores(self, batch: dict) -> torch.Tensor:
         hidden = self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            token_type_ids=batch["token_type_ids"]).last_hidden_state
         return self.head(self.dropout(hidden if self.per_token else hidden[:, 0]))
 
+    def forward(self, batch: dict, keep: torch.Tensor | None = None):
+        """(outputs as mtl_jax's evaluation reads them, the training loss or None).
+        ``keep`` [B]: the examples that count (weight > 0); None = no loss."""
+        logits = self.scores(batch)
+        if keep is None:
+            return logits, None
+        labels = batch["tag_ids"] if self.per_token else batch["label"]
+        labels = torch.where(keep[:, None] if self.per_token else keep, labels, IGNORE)
+        return logits, self.loss_fn(logits.reshape(-1, logits.shape[-1]).float(),
+                                    labels.reshape(-1))
+
+
+class ChoiceScorer(Classifier):
+    """Multiple choice (COPA): the same [CLS] -> dropout -> Linear(hidden, 1) score for each
+    (context, choice) pair of a [B, C, L] batch, cross-entropy over the C scores. mtl_jax's
+    multiple-choice head under the protocol's heads.pooling=cls (Transformers'
+    BertForMultipleChoice puts BERT's pooler first: the heads.pooling=pooler setting)."""
+
+    def __init__(self, path: str, num_choices: int, dropout: float):
+        super().__init__(path, 1, per_token=False, dropout=dropout)
+
+    def forward(self, batch: dict, keep: torch.Tensor | None = None):
+        rows, choices = batch["input_ids"].shape[:2]
+        flat = {k: batch[k].reshape(rows * choices, -1) for k in TOKEN_KEYS}
+        logits = self.scores(flat).reshape(rows, choices)
+        if keep is None:
+            return logits, None
+        return logits, self.loss_fn(logits.float(), torch.where(keep, batch["label"], IGNORE))
+
+
+class SpanReference(torch.nn.Module):
+    """Extractive QA: Transformers' own BertForQuestionAnswering, its loss included (start and
+    end cross-entropy averaged; a position past the sequence is ignored, which is how padding
+    examples are dropped). Its softmax also covers the padding tokens of a bucket, mtl_jax's
+    only the real ones (models/losses.py span_loss)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        from transformers import BertForQuestionAnswering
+
+        # from_pretrained draws the new qa_outputs layer from N(0, initializer_range=0.02).
+        self.qa = BertForQuestionAnswering.from_pretrained(path)
+
+    def forward(self, batch: dict, keep: torch.Tensor | None = None):
+        labels = {}
+        if keep is not None:
+            ignored = batch["input_ids"].shape[1]
+            labels = {k: torch.where(keep, batch[k], ignored)
+                      for k in ("start_positions", "end_positions")}
+        out = self.qa(**{k: batch[k] for k in TOKEN_KEYS}, **labels)
+        return torch.stack([out.start_logits, out.end_logits], dim=-1), out.loss
+
+
+# Task type -> the reference model (one entry a type; mtl_jax's heads are registered the same way).
+REFERENCE_MODELS = {
+    "sequence_classification": lambda path, spec, c: Classifier(
+        path, spec.num_labels, per_token=False, dropout=c.heads.dropout),
+    "token_classification": lambda path, spec, c: Classifier(
+        path, spec.num_labels, per_token=True, dropout=c.heads.dropout),
+    "multiple_choice": lambda path, spec, c: ChoiceScorer(path, spec.num_labels, c.heads.dropout),
+    "extractive_qa": lambda path, spec, c: SpanReference(path),
+}
+
+
+def reference_model(path: str, spec, c) -> torch.nn.Module:
+    if spec.type not in REFERENCE_MODELS:
+        sys.exit(f"error: no reference model for task type {spec.type!r}; "
+                 f"have {', '.join(sorted(REFERENCE_MODELS))}")
+    return REFERENCE_MODELS[spec.type](path, spec, c)
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+LABEL_KEYS = ("label", "tag_ids", "start_positions", "end_positions")
+
 
 def to_torch(batch: dict) -> dict:
     return {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.items()
-            if k in ("input_ids", "attention_mask", "token_type_ids", "label", "tag_ids")}
+            if k in TOKEN_KEYS + LABEL_KEYS}
 
 
-def labels_of(batch: dict, raw: dict, per_token: bool) -> torch.Tensor:
-    """Ignore padding examples (weight 0) exactly as mtl_jax's loss does."""
-    weight = torch.from_numpy(np.asarray(raw["weight"])) > 0
-    if per_token:
-        return torch.where(weight[:, None], batch["tag_ids"], IGNORE)
-    return torch.where(weight, batch["label"], IGNORE)
+def kept(raw: dict) -> torch.Tensor:
+    """Padding examples (weight 0) are ignored, exactly as mtl_jax's loss does."""
+    return torch.from_numpy(np.asarray(raw["weight"])) > 0
 
 
 def linear_warmup_decay(total: int, fraction: float):
@@ -100,22 +175,20 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
         for t in c.tasks.values():
             t.max_train_examples, t.max_eval_examples = 64, 32
         c.train.num_steps = protocol.num_steps(c.tasks, protocol.EPOCHS, c.train.batch_size)
-        c.train.eval_every = max(1, c.train.num_steps // protocol.EVALS_PER_RUN)
+        c.train.eval_every = protocol.eval_every(c.train.num_steps, (task,))
     steps = min(c.train.num_steps, max_steps) if max_steps else c.train.num_steps
     eval_every = c.train.eval_every if not max_steps else max(1, steps // 2)
     path = str(resolve_model_path(c.model.name_or_path))
     torch.manual_seed(c.seed)
     data = build_data(c, load_tokenizer(path))
     spec = data.specs[0]
-    per_token = spec.type == "token_classification"
     metric = protocol.PRIMARY_METRICS[task]
-    model = Classifier(path, spec.num_labels, per_token, c.heads.dropout)
+    model = reference_model(path, spec, c)
     opt = optimizer(model, c)
     # The schedule spans the protocol's full step count even under --max_steps (a quick run is
     # the first max_steps of the real run, not a compressed one).
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(c.train.num_steps,
                                                                            c.optim.warmup_fraction))
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
     iterator = data.train_iterator(c.train.batch_size, seed=c.data.shuffle_seed, process_index=0,
                                    process_count=1)
     writer = MetricsWriter(out_dir, enabled=True, tensorboard=False)
@@ -124,7 +197,7 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
     def evaluate(step: int) -> dict:
         model.eval()
         with torch.no_grad():
-            predict = lambda b: model(to_torch(b)).float().numpy()  # noqa: E731
+            predict = lambda b: model(to_torch(b))[0].float().numpy()  # noqa: E731
             metrics, report = evaluate_task(data.eval_data(task), predict, c.eval.batch_size)
         model.train()
         writer.write(step, {f"eval/{task}/{k}": v for k, v in metrics.items()})
@@ -134,10 +207,7 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         raw = next(iterator)
-        batch = to_torch(raw)
-        logits = model(batch)
-        loss = loss_fn(logits.reshape(-1, logits.shape[-1]).float(),
-                       labels_of(batch, raw, per_token).reshape(-1))
+        _, loss = model(to_torch(raw), keep=kept(raw))
         loss.backward()
         if c.optim.clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.clip_norm)
@@ -178,16 +248,17 @@ def main():
     parser.add_argument("--workdir", required=True,
                         help="the comparison's DIR (writes DIR/reference/<task>)")
     parser.add_argument("--tasks", default=",".join(protocol.TASKS),
-                        help="comma-separated subset")
+                        help="comma-separated, of the protocol's tasks and "
+                             f"{','.join(protocol.EXTRA_TASKS)}")
     parser.add_argument("--max_steps", type=int, default=0,
                         help="stop after N steps (0 = the protocol's)")
     parser.add_argument("--tiny_data", action="store_true",
                         help="64 train / 32 eval examples a task")
     args = parser.parse_args()
     for task in (t for t in args.tasks.split(",") if t):
-        if task not in protocol.TASKS:
-            sys.exit(f"error: unknown task {task!r}; "
-                     f"use a comma-separated subset of {','.join(protocol.TASKS)}")
+        if task not in protocol.TASKS + protocol.EXTRA_TASKS:
+            sys.exit(f"error: unknown task {task!r}; use a comma-separated subset of "
+                     f"{','.join(protocol.TASKS + protocol.EXTRA_TASKS)}")
         out = os.path.join(args.workdir, "reference", task)
         if finished(out) and not (args.max_steps or args.tiny_data):
             print(task, "results.json exists (a finished protocol run), skipped ->", out)

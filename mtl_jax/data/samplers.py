@@ -15,9 +15,10 @@ from mtl_jax.registry import Registry
 class Sampler:
     """Draws task indices i.i.d. from ``rates`` (rates[t] = probability of task t)."""
 
-    def __init__(self, sizes: list[int], data_config, seed: int):
+    def __init__(self, sizes: list[int], data_config, seed: int, names: tuple[str, ...] = ()):
         self.sizes = np.asarray(sizes, np.float64)
         self.seed = seed
+        self.names = tuple(names)  # the tasks of ``sizes``, in order (for rates given by name)
         self.rates = self.compute_rates(self.sizes, data_config)
 
     def compute_rates(self, sizes: np.ndarray, data_config) -> np.ndarray:
@@ -59,6 +60,26 @@ class Uniform(Sampler):
         return np.full(len(sizes), 1.0 / len(sizes))
 
 
+@SAMPLERS.register("rates")
+class GivenRates(Sampler):
+    """rate ∝ data.sampling_rates[task] (seqio's Mixture with explicit per-task rates): a mix
+    chosen for a budget rather than for the data's sizes."""
+
+    def compute_rates(self, sizes, data_config):
+        given = dict(data_config.sampling_rates)
+        unknown = sorted(set(given) - set(self.names))
+        missing = [n for n in self.names if n not in given]
+        if unknown or missing:
+            raise UserError(f"data.sampler=rates: data.sampling_rates must give a rate for each "
+                            f"trained task {list(self.names)}"
+                            + (f"; unknown {unknown}" if unknown else "")
+                            + (f"; missing {missing}" if missing else ""))
+        rates = np.asarray([float(given[n]) for n in self.names], np.float64)
+        if np.any(rates < 0) or not rates.sum() > 0:
+            raise UserError(f"data.sampling_rates={given} must be >= 0 with a positive sum")
+        return rates / rates.sum()
+
+
 @SAMPLERS.register("round_robin")
 class RoundRobin(Uniform):
     """Tasks in turn: batch s is task s mod T (mixed batches: example i of step s is
@@ -68,5 +89,6 @@ class RoundRobin(Uniform):
         return (step * count + np.arange(count)) % len(self.rates)
 
 
-def build_sampler(name: str, sizes: list[int], data_config, seed: int) -> Sampler:
-    return SAMPLERS.get(name)(sizes, data_config, seed)
+def build_sampler(name: str, sizes: list[int], data_config, seed: int,
+                  names: tuple[str, ...] = ()) -> Sampler:
+    return SAMPLERS.get(name)(sizes, data_config, seed, names)
