@@ -82,7 +82,7 @@ class ChoiceScorer(Classifier):
     multiple-choice head under the protocol's heads.pooling=cls (Transformers'
     BertForMultipleChoice puts BERT's pooler first: the heads.pooling=pooler setting)."""
 
-    def __init__(self, path: str, num_choices: int, dropout: float):
+    def __init__(self, path: str, dropout: float):
         super().__init__(path, 1, per_token=False, dropout=dropout)
 
     def forward(self, batch: dict, keep: torch.Tensor | None = None):
@@ -123,7 +123,7 @@ REFERENCE_MODELS = {
         path, spec.num_labels, per_token=False, dropout=c.heads.dropout),
     "token_classification": lambda path, spec, c: Classifier(
         path, spec.num_labels, per_token=True, dropout=c.heads.dropout),
-    "multiple_choice": lambda path, spec, c: ChoiceScorer(path, spec.num_labels, c.heads.dropout),
+    "multiple_choice": lambda path, spec, c: ChoiceScorer(path, c.heads.dropout),
     "extractive_qa": lambda path, spec, c: SpanReference(path),
 }
 

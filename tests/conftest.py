@@ -23,6 +23,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def hf_reference_module():
+    """bench/hf_reference.py imported as a module (it is a script, not a package member)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_reference",
+                                                  REPO / "bench" / "hf_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """The ../shared/data folder; tests that need it skip when it is absent."""

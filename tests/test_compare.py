@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, hf_reference_module
 from mtl_jax import compare
 from mtl_jax.errors import UserError
 from mtl_jax.training.results import write_results
@@ -516,23 +516,13 @@ def test_publish_copies_finished_runs_and_writes_the_report_beside_them(tmp_path
         compare.publish(str(tmp_path / "nowhere"), str(tmp_path / "empty"), {"sst2": "accuracy"})
 
 
-def _hf_reference():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hf_reference",
-                                                  REPO / "bench" / "hf_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_reference_schedule_is_mtl_jax_linear_schedule():
     import numpy as np
 
     from mtl_jax.training import optim
 
     total, lr = 95, 5e-5
-    torch_factor = _hf_reference().linear_warmup_decay(total, 0.1)
+    torch_factor = hf_reference_module().linear_warmup_decay(total, 0.1)
     ours = optim.SCHEDULES.get("linear")(lr, total, int(0.1 * total))
     # The torch LambdaLR factor at scheduler step s is applied to update s + 1; optax's count is s.
     np.testing.assert_allclose([lr * torch_factor(s) for s in range(total + 3)],
@@ -552,7 +542,7 @@ def test_reference_script_trains_writes_results_and_resumes(shared_data, minilm_
         results = json.loads((tmp_path / "reference" / task / "results.json").read_text())
         assert results["final_step"] == 2 and 0.0 <= results["final"][task][metric] <= 1.0
         assert results["trainable_params"] > 22_000_000  # the whole MiniLM + head trains
-    module = _hf_reference()
+    module = hf_reference_module()
     # 2 steps are not the protocol's
     assert not module.finished(str(tmp_path / "reference" / "rte"))
     results = json.loads((tmp_path / "reference" / "rte" / "results.json").read_text())

@@ -1,12 +1,10 @@
 """bench/hf_reference.py's models for the extra task types, on a tiny random BERT saved locally:
 their losses against a NumPy cross-entropy and against mtl_jax's own loss functions."""
-import importlib.util
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import hf_reference_module
 from mtl_jax.models.losses import span_loss
 
 torch = pytest.importorskip("torch")
@@ -15,11 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def reference():
-    spec = importlib.util.spec_from_file_location("hf_reference",
-                                                  REPO / "bench" / "hf_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return hf_reference_module()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +67,7 @@ def test_qa_reference_loss_is_transformers_span_loss_and_drops_padding_examples(
 def test_choice_reference_scores_each_pair_and_takes_the_softmax_over_choices(
         reference, tiny_bert_dir):
     rng = np.random.default_rng(1)
-    model = reference.ChoiceScorer(tiny_bert_dir, num_choices=2, dropout=0.1).eval()
+    model = reference.ChoiceScorer(tiny_bert_dir, dropout=0.1).eval()
     batch = _tokens(rng, (3, 2, 10))
     batch["label"] = torch.tensor([1, 0, 1])
     keep = torch.tensor([True, False, True])

@@ -37,4 +37,4 @@ def test_tiny_qa_multitask_run_trains_every_task_and_scores_squad(shared_data, t
     final = {k: v for e in events if e["step"] == c.train.num_steps for k, v in e.items()}
     for key in ("eval/squad/exact_match", "eval/squad/f1", "eval/conll2003/f1",
                 "eval/sst2/accuracy"):
-        assert key in final and 0.0 <= final[key] <= 100.0, (key, sorted(final))
+        assert key in final and 0.0 <= final[key] <= 1.0, (key, sorted(final))
