@@ -17,14 +17,19 @@ numbers compare directly with ``DIR/runs/single_<task>``.
   python bench/hf_reference.py --workdir=DIR --tasks=copa,squad     # the extra tasks' report
 
 Writes ``DIR/reference/<task>/{results.json,results.md,metrics.jsonl}`` (results.json in
-mtl_jax.training.results' schema, with trainable_params, wall_s and examples_per_s).
+mtl_jax.training.results' schema, with trainable_params, wall_s and examples_per_s). A long task
+(SQuAD: hours on 2 cores) checkpoints to ``DIR/reference/<task>/checkpoint.pt`` every
+train.checkpoint_every steps and around each evaluation, and on SIGTERM at the next step; the
+same command resumes it where it stopped, with the same batches and dropout masks.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -37,11 +42,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configs import compare as protocol  # noqa: E402
+from mtl_jax.errors import STOPPED_EXIT_CODE  # noqa: E402
 from mtl_jax.evaluation import evaluate_task  # noqa: E402
 from mtl_jax.training.metrics_writer import MetricsWriter  # noqa: E402
 from mtl_jax.training.results import write_results  # noqa: E402
 
 IGNORE = -100
+CHECKPOINT = "checkpoint.pt"  # beside results.json; removed once the task has finished
 
 
 class Classifier(torch.nn.Module):
@@ -165,7 +172,65 @@ def optimizer(model: torch.nn.Module, c) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2), eps=c.optim.eps)
 
 
-def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict:
+@dataclasses.dataclass
+class Progress:
+    """What a sitting hands the next one besides the tensors (checkpointed with them)."""
+    step: int = 0
+    train_time: float = 0.0
+    wall_s: float = 0.0
+    seen: int = 0
+    evaluated_step: int = 0
+    final: dict = dataclasses.field(default_factory=dict)
+    best: dict | None = None
+    best_step: int | None = None
+    last_loss: float = 0.0
+
+
+class StopFlag:
+    """Set by SIGTERM (main installs the handler): the loop checkpoints at the next step and
+    returns, as mtl_jax's own loop does."""
+
+    def __init__(self):
+        self.requested = False
+
+
+def save_checkpoint(out_dir: str, setting: dict, model, opt, schedule, iterator,
+                    progress: Progress) -> None:
+    """Everything the next step depends on, written atomically (a kill mid-write leaves the
+    previous checkpoint)."""
+    path = os.path.join(out_dir, CHECKPOINT)
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(dict(setting=setting, model=model.state_dict(), optimizer=opt.state_dict(),
+                    schedule=schedule.state_dict(), rng=torch.get_rng_state(),
+                    iterator=iterator.get_state(), progress=dataclasses.asdict(progress)),
+               path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def restore_checkpoint(out_dir: str, setting: dict, model, opt, schedule,
+                       iterator) -> Progress | None:
+    """The progress of the checkpoint in ``out_dir`` (tensors restored in place), or None."""
+    path = os.path.join(out_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, weights_only=False)  # our own file: numbers and dicts beside tensors
+    if state["setting"] != setting:
+        sys.exit(f"error: {path} is from a run with {state['setting']}, this one is {setting}; "
+                 "delete it to start over, or rerun with the same --tasks/--tiny_data")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    iterator.set_state(state["iterator"])
+    return Progress(**state["progress"])
+
+
+def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool,
+               stop: StopFlag | None = None) -> dict | None:
+    """Trains and evaluates one task; the primary metric, or None when ``stop`` was requested:
+    then it leaves a checkpoint that the next call resumes from:
+    the same batches, dropout masks and optimizer state, so the result is the uninterrupted
+    run's."""
     from mtl_jax.checkpoints.hf import resolve_model_path
     from mtl_jax.data.pipeline import build_data
     from mtl_jax.text.tokenizer import load_tokenizer
@@ -176,6 +241,7 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
             t.max_train_examples, t.max_eval_examples = 64, 32
         c.train.num_steps = protocol.num_steps(c.tasks, protocol.EPOCHS, c.train.batch_size)
         c.train.eval_every = protocol.eval_every(c.train.num_steps, (task,))
+        c.train.checkpoint_every = max(1, c.train.num_steps // protocol.EVALS_PER_RUN)
     steps = min(c.train.num_steps, max_steps) if max_steps else c.train.num_steps
     eval_every = c.train.eval_every if not max_steps else max(1, steps // 2)
     path = str(resolve_model_path(c.model.name_or_path))
@@ -191,45 +257,82 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool) -> dict
                                                                            c.optim.warmup_fraction))
     iterator = data.train_iterator(c.train.batch_size, seed=c.data.shuffle_seed, process_index=0,
                                    process_count=1)
-    writer = MetricsWriter(out_dir, enabled=True, tensorboard=False)
-    start, train_time, seen, best, best_step, final = time.time(), 0.0, 0, None, None, {}
+    setting = dict(task=task, tiny_data=tiny_data, protocol_steps=c.train.num_steps)
+    progress = restore_checkpoint(out_dir, setting, model, opt, schedule, iterator)
+    if progress is not None and progress.step > steps:
+        sys.exit(f"error: {os.path.join(out_dir, CHECKPOINT)} is at step {progress.step}, past "
+                 f"--max_steps={max_steps}; rerun without --max_steps to finish that run")
+    if progress is not None:
+        print(f"{task}: resuming from step {progress.step} ({os.path.join(out_dir, CHECKPOINT)})")
+    progress = progress or Progress()
+    writer = MetricsWriter(out_dir, resume_step=progress.step or None, enabled=True,
+                           tensorboard=False)
+    start = time.time()
 
-    def evaluate(step: int) -> dict:
+    def checkpoint():
+        save_checkpoint(out_dir, setting, model, opt, schedule, iterator, dataclasses.replace(
+            progress, wall_s=progress.wall_s + time.time() - start))
+
+    def evaluate(step: int) -> None:
         model.eval()
         with torch.no_grad():
             predict = lambda b: model(to_torch(b))[0].float().numpy()  # noqa: E731
             metrics, report = evaluate_task(data.eval_data(task), predict, c.eval.batch_size)
         model.train()
         writer.write(step, {f"eval/{task}/{k}": v for k, v in metrics.items()})
-        return metrics
+        progress.final, progress.evaluated_step = _floats(metrics), step
+        if progress.best is None or progress.final[metric] > progress.best[metric]:
+            progress.best, progress.best_step = progress.final, step
+        checkpoint()  # an evaluation is never repeated by a resumed run
 
     model.train()
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        raw = next(iterator)
-        _, loss = model(to_torch(raw), keep=kept(raw))
-        loss.backward()
-        if c.optim.clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.clip_norm)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
-        train_time += time.perf_counter() - t0
-        seen += int((np.asarray(raw["weight"]) > 0).sum())
+    if progress.step and progress.evaluated_step != progress.step and (
+            progress.step % eval_every == 0 or progress.step == steps):
+        evaluate(progress.step)  # the sitting before stopped during this evaluation
+    while progress.step < steps:
+        if stop is not None and stop.requested:
+            checkpoint()
+            writer.close()
+            return None
+        train_step(model, opt, schedule, iterator, c, progress)
+        step = progress.step
         if step % c.train.log_every == 0 or step == steps:
-            writer.write(step, {"train/loss": loss.item(),
-                                "train/examples_per_s": seen / train_time})
+            writer.write(step, {"train/loss": progress.last_loss,
+                                "train/examples_per_s": progress.seen / progress.train_time})
         if step % eval_every == 0 or step == steps:
-            final = evaluate(step)
-            if best is None or final[metric] > best[metric]:
-                best, best_step = final, step
+            checkpoint()  # before the evaluation, which may take longer than the training
+            evaluate(step)
+        elif step % c.train.checkpoint_every == 0:
+            checkpoint()
     writer.close()
     extra = dict(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                 wall_s=time.time() - start, examples_per_s=seen / train_time,
+                 wall_s=progress.wall_s + time.time() - start,
+                 examples_per_s=progress.seen / progress.train_time,
                  framework=f"torch {torch.__version__}", protocol_steps=c.train.num_steps)
-    write_results(out_dir, {task: final}, final_step=steps, best={task: best}, best_step=best_step,
-                  extra=extra)
-    return {task: final[metric]}
+    write_results(out_dir, {task: progress.final}, final_step=steps, best={task: progress.best},
+                  best_step=progress.best_step, extra=extra)
+    os.remove(os.path.join(out_dir, CHECKPOINT))  # results.json now stands for the finished run
+    return {task: progress.final[metric]}
+
+
+def train_step(model, opt, schedule, iterator, c, progress: Progress) -> None:
+    t0 = time.perf_counter()
+    raw = next(iterator)
+    _, loss = model(to_torch(raw), keep=kept(raw))
+    loss.backward()
+    if c.optim.clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.clip_norm)
+    opt.step()
+    schedule.step()
+    opt.zero_grad(set_to_none=True)
+    progress.train_time += time.perf_counter() - t0
+    progress.seen += int((np.asarray(raw["weight"]) > 0).sum())
+    progress.step += 1
+    progress.last_loss = loss.item()
+
+
+def _floats(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def finished(out_dir: str) -> bool:
@@ -255,6 +358,8 @@ def main():
     parser.add_argument("--tiny_data", action="store_true",
                         help="64 train / 32 eval examples a task")
     args = parser.parse_args()
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "requested", True))
     for task in (t for t in args.tasks.split(",") if t):
         if task not in protocol.TASKS + protocol.EXTRA_TASKS:
             sys.exit(f"error: unknown task {task!r}; use a comma-separated subset of "
@@ -263,7 +368,12 @@ def main():
         if finished(out) and not (args.max_steps or args.tiny_data):
             print(task, "results.json exists (a finished protocol run), skipped ->", out)
             continue
-        print(task, train_task(task, out, args.max_steps, args.tiny_data), "->", out)
+        result = train_task(task, out, args.max_steps, args.tiny_data, stop=stop)
+        if result is None:
+            print(f"stopped (SIGTERM) with a checkpoint in {out}; rerun the same command to "
+                  "resume", file=sys.stderr)
+            sys.exit(STOPPED_EXIT_CODE)  # mtl_jax's own: schedulers requeue on it
+        print(task, result, "->", out)
 
 
 if __name__ == "__main__":

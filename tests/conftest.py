@@ -16,6 +16,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -30,6 +31,7 @@ def hf_reference_module():
     spec = importlib.util.spec_from_file_location("hf_reference",
                                                   REPO / "bench" / "hf_reference.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["hf_reference"] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 

@@ -84,3 +84,50 @@ def test_every_protocol_task_type_has_a_reference_model(reference, shared_data):
     protocol = reference.protocol  # configs/compare.py, as the script imports it
     c = protocol.get_config("tasks=" + "+".join(protocol.TASKS + protocol.EXTRA_TASKS))
     assert {t.type for t in c.tasks.values()} == set(reference.REFERENCE_MODELS)
+
+
+def test_interrupted_reference_run_resumes_to_the_uninterrupted_result(
+        reference, shared_data, tmp_path, monkeypatch):
+    """3 steps of SST-2 (tiny data, the real MiniLM, an evaluation every step) straight, and
+    killed during the second evaluation, stopped by SIGTERM's flag, then resumed: the same loss
+    at every step and the same evaluations, each logged once."""
+    import json
+
+    get_config, evaluate_task = reference.protocol.get_config, reference.evaluate_task
+
+    def every_step_logged(arg):
+        c = get_config(arg)
+        c.train.log_every = 1
+        return c
+
+    calls = []
+
+    def killed_in_the_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate_task(*args, **kwargs)
+
+    monkeypatch.setattr(reference.protocol, "get_config", every_step_logged)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert reference.train_task("sst2", str(straight), 3, True) is not None
+    monkeypatch.setattr(reference, "evaluate_task", killed_in_the_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        reference.train_task("sst2", str(resumed), 3, True)
+    monkeypatch.setattr(reference, "evaluate_task", evaluate_task)
+    assert (resumed / reference.CHECKPOINT).exists() and not (resumed / "results.json").exists()
+    flag = reference.StopFlag()
+    flag.requested = True  # SIGTERM: the pending evaluation of step 2, a checkpoint, no step 3
+    assert reference.train_task("sst2", str(resumed), 3, True, stop=flag) is None
+    assert reference.train_task("sst2", str(resumed), 3, True) is not None
+    assert not (resumed / reference.CHECKPOINT).exists()  # removed once finished
+    logs = [[json.loads(line) for line in open(d / "metrics.jsonl", encoding="utf-8")]
+            for d in (straight, resumed)]
+    losses = [{r["step"]: r["train/loss"] for r in log if "train/loss" in r} for log in logs]
+    evals = [[(r["step"], r["eval/sst2/accuracy"]) for r in log if "eval/sst2/accuracy" in r]
+             for log in logs]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3]
+    assert evals[0] == evals[1] and [step for step, _ in evals[0]] == [1, 2, 3]
+    results = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
+    assert results[0]["final"] == results[1]["final"] and results[0]["final_step"] == 3
+    assert results[0]["best_step"] == results[1]["best_step"]

@@ -9,10 +9,12 @@ explicit ``jax.device_put``.
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mtl_jax.training import loop, runner
+from mtl_jax.training.metrics_window import FINITE
 from run_helpers import cache_dir_for, persistent_compile_cache, tiny_config
 
 # Steps 1-6: logs at 3 and 6 (the last step also evaluates and checkpoints); 2, 4, 5 are quiet,
@@ -102,3 +104,36 @@ def test_the_guard_catches_an_implicit_transfer_in_a_quiet_step(jit_run, tmp_pat
     with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"):
         train_guarded(jit_run, tmp_path / "run", step_fn=host_rng_at_step_4)
     assert len(calls) == 4
+
+
+def test_the_loop_dispatches_at_most_two_steps_ahead_of_the_devices(tmp_path):
+    """Steps made slow (a chain of matmuls carried from step to step behind each step's finite
+    flag; the loop reads the device only at the last step here): when step n + 1 is dispatched,
+    steps up to n - 1 have finished, so a stop signal's checkpoint waits for two steps at most,
+    not for the steps up to the next log. The wait is no transfer (the quiet steps run under the
+    guard)."""
+    config = tiny_config(tmp_path)
+    config.train.update(num_steps=8, log_every=8, eval_every=100, checkpoint_every=100)
+    run = runner.build_run(config)
+
+    @jax.jit
+    def slow_and_finite(flag, m):
+        m = jax.lax.fori_loop(0, 1500, lambda i, m: jnp.tanh(m @ m), m)
+        return flag & jnp.isfinite(m[0, 0]), m
+
+    flags, unfinished, chain = [], [], []
+
+    def slow_steps(train_step):
+        def step(state, batch, rng):
+            done = flags[:-loop.STEPS_IN_FLIGHT] if len(flags) > loop.STEPS_IN_FLIGHT else []
+            unfinished.append(sum(not flag.is_ready() for flag in done))
+            state, metrics = train_step(state, batch, rng)
+            if not chain:  # step 1 is never guarded: the chain's start may come from the host
+                chain.append(jax.device_put(jnp.full((128, 128), 0.01), metrics[FINITE].sharding))
+            flag, chain[0] = slow_and_finite(metrics[FINITE], chain[0])
+            flags.append(flag)
+            return state, {**metrics, FINITE: flag}
+        return step
+
+    assert train_guarded(run, tmp_path / "run", step_fn=slow_steps).guarded == list(range(2, 8))
+    assert unfinished == [0] * 8

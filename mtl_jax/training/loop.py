@@ -16,6 +16,7 @@ latest checkpoint and produces exactly the parameters and metrics of an uninterr
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -47,6 +48,14 @@ class NonFiniteLoss(UserError):
 
 
 # --- the loop ----------------------------------------------------------------------------------
+
+# Steps dispatched but not finished, at most. Dispatch is asynchronous: unbounded, the Python loop
+# would run up to the next host read (a log or checkpoint step, tens of steps) ahead of the
+# devices, and a stop signal seen at the top of the loop would wait for all of those before its
+# checkpoint: minutes with slow steps, past a preemption notice. Two keep the devices fed (the
+# next batch is built and placed while a step runs).
+STEPS_IN_FLIGHT = 2
+
 
 @dataclasses.dataclass
 class Progress:
@@ -170,6 +179,7 @@ class Loop:
         bar = progress_display(sys.stderr, total=t.num_steps, initial=step, bar=t.progress,
                                shown=jax.process_index() == 0)
         window, host = None, HostWindow()
+        in_flight = collections.deque()  # the metrics of the steps dispatched last
         with PreemptionGuard() as guard, bar:
             self.guard = guard
             while step < t.num_steps:
@@ -180,6 +190,9 @@ class Loop:
                 batch = next(self.it)
                 placed = self.run.batch(batch)
                 state, metrics = self.train_step(state, placed, self.rng)
+                in_flight.append(metrics)
+                if len(in_flight) > STEPS_IN_FLIGHT:
+                    jax.block_until_ready(in_flight.popleft())  # a wait, not a transfer
                 step += 1
                 self.ckpt.poll()  # a failed background save stops the run here, not hours later
                 window = (window or DeviceWindow.empty(metrics)).add(metrics)
