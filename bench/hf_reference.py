@@ -239,9 +239,7 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool,
     if tiny_data:  # the tiny data caps only: the model stays the real MiniLM
         for t in c.tasks.values():
             t.max_train_examples, t.max_eval_examples = 64, 32
-        c.train.num_steps = protocol.num_steps(c.tasks, protocol.EPOCHS, c.train.batch_size)
-        c.train.eval_every = protocol.eval_every(c.train.num_steps, (task,))
-        c.train.checkpoint_every = max(1, c.train.num_steps // protocol.EVALS_PER_RUN)
+        protocol.set_schedule(c, (task,))
     steps = min(c.train.num_steps, max_steps) if max_steps else c.train.num_steps
     eval_every = c.train.eval_every if not max_steps else max(1, steps // 2)
     path = str(resolve_model_path(c.model.name_or_path))
@@ -280,14 +278,16 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool,
             metrics, report = evaluate_task(data.eval_data(task), predict, c.eval.batch_size)
         model.train()
         writer.write(step, {f"eval/{task}/{k}": v for k, v in metrics.items()})
-        progress.final, progress.evaluated_step = _floats(metrics), step
+        progress.final, progress.evaluated_step = dict(metrics), step
         if progress.best is None or progress.final[metric] > progress.best[metric]:
             progress.best, progress.best_step = progress.final, step
         checkpoint()  # an evaluation is never repeated by a resumed run
 
+    def is_eval(step: int) -> bool:
+        return step % eval_every == 0 or step == steps
+
     model.train()
-    if progress.step and progress.evaluated_step != progress.step and (
-            progress.step % eval_every == 0 or progress.step == steps):
+    if progress.step and progress.evaluated_step != progress.step and is_eval(progress.step):
         evaluate(progress.step)  # the sitting before stopped during this evaluation
     while progress.step < steps:
         if stop is not None and stop.requested:
@@ -299,7 +299,7 @@ def train_task(task: str, out_dir: str, max_steps: int, tiny_data: bool,
         if step % c.train.log_every == 0 or step == steps:
             writer.write(step, {"train/loss": progress.last_loss,
                                 "train/examples_per_s": progress.seen / progress.train_time})
-        if step % eval_every == 0 or step == steps:
+        if is_eval(step):
             checkpoint()  # before the evaluation, which may take longer than the training
             evaluate(step)
         elif step % c.train.checkpoint_every == 0:
@@ -329,10 +329,6 @@ def train_step(model, opt, schedule, iterator, c, progress: Progress) -> None:
     progress.seen += int((np.asarray(raw["weight"]) > 0).sum())
     progress.step += 1
     progress.last_loss = loss.item()
-
-
-def _floats(metrics: dict) -> dict:
-    return {k: float(v) for k, v in metrics.items()}
 
 
 def finished(out_dir: str) -> bool:

@@ -138,6 +138,15 @@ def _tiny(c):
     c.train.log_every = 1
 
 
+def set_schedule(c, tasks, epochs: int = EPOCHS) -> None:
+    """The budget rule on ``c``: the steps from the tasks' (capped) train data, and the
+    evaluations and checkpoints spread over them."""
+    steps = num_steps(c.tasks, epochs, c.train.batch_size)
+    c.train.num_steps = steps
+    c.train.eval_every = eval_every(steps, tasks)
+    c.train.checkpoint_every = max(1, steps // EVALS_PER_RUN)
+
+
 def get_config(arg=None):
     args = parse_args(arg)
     c = get_base_config()
@@ -165,10 +174,7 @@ def get_config(arg=None):
     c.eval.max_examples = 0  # the whole validation split
     if args["tiny"]:
         _tiny(c)
-    steps = num_steps(c.tasks, args["epochs"], c.train.batch_size)
-    c.train.num_steps = steps
-    c.train.eval_every = eval_every(steps, args["tasks"])
-    c.train.checkpoint_every = max(1, steps // EVALS_PER_RUN)
+    set_schedule(c, args["tasks"], args["epochs"])
 
     # --- the comparison driver (mtl_jax/compare/); the training job ignores this section ---
     c.compare = ml_collections.ConfigDict()
